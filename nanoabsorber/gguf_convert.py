@@ -78,7 +78,7 @@ def read_gguf(path) -> tuple[LlamaConfig, dict, object]:
     return cfg, sd, reader
 
 
-def convert_gguf_to_dir(gguf_path, out_dir, log=print) -> Path:
+def convert_gguf_to_dir(gguf_path, out_dir, log=lambda m: print(f"[nanoabsorber] {m}")) -> Path:
     """Write out_dir/{config.json, model.safetensors, tokenizer.json} atomically: everything goes
     to a temporary sibling folder that is renamed into place only when complete."""
     from .tokenizer import ByteBPETokenizer
@@ -103,5 +103,5 @@ def convert_gguf_to_dir(gguf_path, out_dir, log=print) -> Path:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    log(f"[nanoabsorber] converted {Path(gguf_path).name} -> {out_dir} in {time.time() - t0:.1f}s")
+    log(f"converted {Path(gguf_path).name} -> {out_dir} in {time.time() - t0:.1f}s")
     return out_dir

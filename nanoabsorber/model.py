@@ -77,12 +77,15 @@ class LlamaConfig:
         if hf.get("sliding_window") and hf.get("use_sliding_window", mt == "mistral"):
             pass  # windows longer than our contexts behave as full attention; documented in README
         eos = hf.get("eos_token_id")
+        # transformers >= 5 writes "rope_parameters" (theta + scaling); older files use two keys
+        rp = dict(hf.get("rope_parameters") or {})
+        theta = hf.get("rope_theta", rp.pop("rope_theta", 10000.0))
+        scaling = hf.get("rope_scaling") or (rp if rp.get("rope_type", "default") != "default" else None)
         return cls(
             vocab_size=hf["vocab_size"], dim=hf["hidden_size"], n_layers=hf["num_hidden_layers"],
             n_heads=hf["num_attention_heads"], n_kv_heads=hf.get("num_key_value_heads"),
             head_dim=hf.get("head_dim"), hidden_dim=hf["intermediate_size"],
-            norm_eps=hf.get("rms_norm_eps", 1e-6), rope_theta=hf.get("rope_theta", 10000.0),
-            rope_scaling=hf.get("rope_scaling"), max_seq_len=hf.get("max_position_embeddings", 2048),
+            norm_eps=hf.get("rms_norm_eps", 1e-6), rope_theta=theta, rope_scaling=scaling, max_seq_len=hf.get("max_position_embeddings", 2048),
             tie_embeddings=hf.get("tie_word_embeddings", False),
             attention_bias=hf.get("attention_bias", False), mlp_bias=hf.get("mlp_bias", False),
             bos_id=hf.get("bos_token_id"), eos_id=eos[0] if isinstance(eos, list) else eos,
