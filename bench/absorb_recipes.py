@@ -1,0 +1,97 @@
+"""Which absorption recipe recovers the most facts? Runs recipes side by side on the demo
+document (nanoabsorber/assets/demo_document.txt, 8 questions) with the default model and prints
+facts recovered and wall time. Used to choose absorb.py's default recipe (README, "Recipes").
+
+    python bench/absorb_recipes.py                      # all recipes
+    python bench/absorb_recipes.py --recipes recite+entity generic --steps 30
+"""
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from nanoabsorber import load  # noqa: E402
+from nanoabsorber.absorber import AbsorbConfig, absorb_chunk, sample_continuations  # noqa: E402
+from nanoabsorber.lora import apply_lora, lora_modules, reset_lora  # noqa: E402
+from nanoabsorber.probes import (GENERIC, answer, chat_probe_ids, entity_probes, is_correct,  # noqa: E402
+                                 recite_probe)
+
+DATA = Path(__file__).resolve().parents[1] / "nanoabsorber" / "assets"
+
+
+def build(recipe: str, model, tok, doc: str, gen_tokens: int):
+    """Probe list for a recipe name like 'recite+entity+generic' ('generic' answers are generated)."""
+    parts = recipe.split("+")
+    probes = []
+    if "recite" in parts:
+        probes.append(recite_probe(doc))
+    if "entity" in parts:
+        probes += entity_probes(doc)
+    prefix, x, ys, tail = chat_probe_ids(tok, doc, probes)
+    if "generic" in parts or "sampled" in parts:
+        end = tok.special_tokens["<|im_end|>"]
+        for i, q in enumerate(GENERIC * (3 if "sampled" in parts else 1)):
+            ctx = prefix + x + tok.encode(q + tail)
+            if "sampled" in parts:
+                g = sample_continuations(model, ctx, 1, gen_tokens, 0.8, 0.95, tok.stop_ids, seed=i)[0]
+            else:
+                from nanoabsorber.absorber import greedy_answer
+                g = greedy_answer(model, ctx, gen_tokens, tok.stop_ids)
+            if g and g[-1] != end:
+                g = g + [end]
+            ys.append(tok.encode(q + tail) + g)
+    return [(prefix, x, ys)]
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--recipes", nargs="+", default=["sampled", "recite", "entity", "recite+entity",
+                                                      "recite+entity+generic"])
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--rank", type=int, default=16)
+    p.add_argument("--alpha", type=float, default=32)
+    p.add_argument("--targets", default="all")
+    p.add_argument("--loss", default="l1")
+    p.add_argument("--batch-tokens", type=int, default=0)
+    p.add_argument("--gen-tokens", type=int, default=96)
+    p.add_argument("--out", default=None, help="append JSON lines of results here")
+    args = p.parse_args()
+    print(json.dumps(vars(args)), file=sys.stderr)
+    torch.manual_seed(0)
+    model, tok = load()
+    doc = (DATA / "demo_document.txt").read_text()
+    qs = json.loads((DATA / "demo_questions.json").read_text())
+    apply_lora(model, args.targets, args.rank, args.alpha)
+    rows = []
+    for recipe in args.recipes:
+        reset_lora(model, seed=0)
+        t0 = time.time()
+        groups = build(recipe, model, tok, doc, args.gen_tokens)
+        n_y = sum(len(y) for y in groups[0][2])
+        cfg = AbsorbConfig(steps=args.steps, lr=args.lr, loss=args.loss, batch_tokens=args.batch_tokens)
+        res = absorb_chunk(model, groups, cfg)
+        t_abs = time.time() - t0
+        with torch.no_grad():
+            preds = [answer(model, tok, q["question"]) for q in qs]
+        ok = sum(is_correct(pr, q["answers"]) for pr, q in zip(preds, qs))
+        row = dict(recipe=recipe, facts=ok, of=len(qs), y_tokens=n_y, seconds=round(t_abs, 1),
+                   loss0=round(res.first_loss, 4), loss=round(res.final_loss, 4), **{k: v for k, v in vars(args).items() if k not in ("recipes", "out")})
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        for pr, q in zip(preds, qs):
+            print(f"   {'OK ' if is_correct(pr, q['answers']) else '-- '} {q['question']} -> {pr[:70]!r}", flush=True)
+        if args.out:
+            with open(args.out, "a") as f:
+                f.write(json.dumps(row) + "\n")
+    print("\nrecipe                       facts  Y tokens  seconds  loss0 -> loss")
+    for r in rows:
+        print(f"{r['recipe']:<28} {r['facts']}/{r['of']}  {r['y_tokens']:>8}  {r['seconds']:>7}  {r['loss0']} -> {r['loss']}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,326 @@
+"""Absorber LLM (arXiv 2604.20915): absorb a context X into LoRA weights so that the model without
+X behaves like the original model with X on the text that follows.
+
+Algorithm 1 (absorb one chunk), in token ids:
+    teacher input  = P · X · Y_j      (one no-grad pass per chunk; X is prefilled into a KV cache
+                                       once, then each Y_j runs on top of it)
+    student input  = P · Y_j          (the LoRA model, X gone)
+    loss           = distance between teacher and student on the positions of every Y_j
+P is a short prefix both see, so that generation later starts the same way as the student did:
+BOS for tokenizers that add one (Llama-2 style), nothing for SmolLM2 raw text, and the chat
+header "<|im_start|>system…<|im_end|>\\n<|im_start|>user\\n" for chat probes (X is then the
+document at the start of a user message, exactly as "document in the prompt" would place it).
+
+Losses (AbsorbConfig.loss): "l1" (the paper: mean |h̃ - h| over every layer h^0..h^L and every
+Y position), "mse", "l1_norm" (per-layer L1 / teacher L1), "kl" (KL(teacher || student) on
+next-token distributions: logits-only distillation), "hybrid" (l1_norm + kl_weight · kl, Deep
+Context Distillation style). Objective "ntp" is the TTT / Temp-LoRA baseline: next-token loss on
+P · X itself. All go through the same loop (same optimizer, steps, early stop).
+
+Algorithm 2 (streaming): `absorb_stream` slides over a token stream: X = the next n tokens,
+Y = the m tokens after them (teacher-generated when the stream runs out), absorb, slide by n.
+The updated model is the next chunk's teacher. Memory is bounded by n + m, not the stream.
+"""
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Iterable, Optional
+
+import torch
+import torch.nn.functional as F
+
+from .losses import hidden_sync_loss, linear_kl_loss
+from .lora import lora_parameters, lora_state_dict
+from .sampling import sample_next
+
+LOSSES = ("l1", "mse", "l1_norm", "kl", "hybrid")
+OBJECTIVES = ("sync", "ntp")
+
+
+@dataclass
+class AbsorbConfig:
+    objective: str = "sync"      # sync (Absorber) | ntp (next-token prediction on X: TTT / Temp-LoRA)
+    loss: str = "l1"             # l1 | mse | l1_norm | kl | hybrid (see module docstring)
+    kl_weight: float = 1.0       # weight of the KL term in "hybrid"
+    temperature: float = 1.0     # softmax temperature of the KL term
+    steps: int = 30              # max optimizer steps per chunk (K)
+    eps: float = 0.0             # early stop when the loss falls below eps (paper: 2 on Llama-2-7B)
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0       # max grad norm (0 = off)
+    chunk: int = 1024            # n: tokens absorbed per window
+    sync_len: int = 512          # m: real following tokens used as Y per window
+    gen_tokens: int = 0          # teacher-generated continuation tokens when the following text is short
+    gen_temperature: float = 0.8
+    gen_top_p: float = 0.95
+    gen_samples: int = 4         # generated continuations per chunk (split gen_tokens among them)
+    batch_tokens: int = 0        # Y tokens per optimizer step (random subset of the Y sequences); 0 = all
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.loss not in LOSSES:
+            raise ValueError(f"loss must be one of {LOSSES}, not {self.loss!r}")
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"objective must be one of {OBJECTIVES}, not {self.objective!r}")
+        if self.steps < 0 or self.chunk <= 0 or self.sync_len < 0:
+            raise ValueError("steps >= 0, chunk > 0 and sync_len >= 0 are required")
+
+
+@dataclass
+class Targets:
+    """What the teacher said about the Y sequences of one chunk."""
+    ids: torch.Tensor                    # (B, T) student input P·Y_j, right-padded
+    mask: torch.Tensor                   # (B, T) bool: True at Y positions (loss positions)
+    hidden: Optional[torch.Tensor]       # (L+1, N, D) teacher hidden states at the N masked positions
+    final: Optional[torch.Tensor]        # (N, D) teacher post-norm final hidden at those positions
+
+    def rows(self, r: list) -> "Targets":
+        """The targets of a subset of rows (Y sequences), in that order."""
+        counts = self.mask.sum(1).tolist()
+        starts = [0]
+        for c in counts[:-1]:
+            starts.append(starts[-1] + c)
+        cols = torch.cat([torch.arange(starts[i], starts[i] + counts[i]) for i in r]).to(self.mask.device)
+        ids, mask = self.ids[r], self.mask[r]
+        T = int(mask.nonzero()[:, 1].max()) + 1 if mask.any() else ids.shape[1]
+        return Targets(ids[:, :T], mask[:, :T], None if self.hidden is None else self.hidden[:, cols],
+                       None if self.final is None else self.final[cols])
+
+
+@dataclass
+class ChunkResult:
+    steps: int
+    first_loss: float
+    final_loss: float
+    losses: list = field(default_factory=list)
+    stopped: str = "max steps"           # "max steps" | "early stop" | "non-finite loss"
+    seconds: float = 0.0
+
+
+def _device(model):
+    return model.embed.weight.device
+
+
+def _pad(seqs: list[list[int]], pad: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    T = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), T), pad, dtype=torch.long, device=device)
+    real = torch.zeros((len(seqs), T), dtype=torch.bool, device=device)
+    for i, s in enumerate(seqs):
+        ids[i, :len(s)] = torch.tensor(s, device=device)
+        real[i, :len(s)] = True
+    return ids, real
+
+
+Group = tuple  # (prefix P, context X, [Y_1, Y_2, ...]) as token id lists
+
+
+@torch.no_grad()
+def teacher_targets(model, groups: list, need_hidden: bool, need_final: bool) -> Targets:
+    """One no-grad teacher pass over P·X·Y_j for every group and j; each group's P·X is prefilled
+    into a KV cache once and every Y_j of the group runs on top of it."""
+    dev = _device(model)
+    seqs, hid, fin, n_prefix = [], [], [], []
+    for prefix, x, ys in groups:
+        ys = [list(y) for y in ys if len(y) > 0]
+        if not ys:
+            continue
+        ctx = list(prefix) + list(x)
+        cache = model.new_cache(1, len(ctx) + max(len(y) for y in ys))
+        if ctx:
+            model(torch.tensor([ctx], device=dev), cache=cache, logits=False)
+        for y in ys:
+            cache.pos = len(ctx)
+            _, hs = model(torch.tensor([y], device=dev), cache=cache, hidden=True, logits=False)
+            if need_hidden:
+                hid.append(torch.stack([h[0] for h in hs]))                   # (L+1, len(y), D)
+            if need_final:
+                fin.append(model.norm(hs[-1][0]))                               # (len(y), D)
+            seqs.append(list(prefix) + y)
+            n_prefix.append(len(prefix))
+    if not seqs:
+        raise ValueError("no Y tokens to synchronise on")
+    ids, mask = _pad(seqs, 0, dev)
+    for i, npf in enumerate(n_prefix):
+        mask[i, :npf] = False
+    return Targets(ids, mask, torch.cat(hid, 1) if need_hidden else None, torch.cat(fin, 0) if need_final else None)
+
+
+def sync_loss(model, t: Targets, cfg: AbsorbConfig) -> torch.Tensor:
+    """Student pass on P·Y_j and the configured distance to the teacher at the Y positions."""
+    _, hs = model(t.ids, hidden=True, logits=False)
+    loss = 0.0
+    if cfg.loss in ("l1", "mse", "l1_norm", "hybrid"):
+        kind = "l1_norm" if cfg.loss == "hybrid" else cfg.loss
+        student = torch.stack([h[t.mask] for h in hs])                      # (L+1, N, D)
+        loss = hidden_sync_loss(student, t.hidden, kind)
+    if cfg.loss in ("kl", "hybrid"):
+        s_final = model.norm(hs[-1][t.mask])                                # (N, D)
+        kl = linear_kl_loss(s_final, model.output.weight, teacher_h=t.final, temperature=cfg.temperature)
+        loss = loss + (cfg.kl_weight if cfg.loss == "hybrid" else 1.0) * kl
+    return loss
+
+
+def ntp_loss(model, ids: torch.Tensor, n_prefix: int) -> torch.Tensor:
+    """Next-token cross-entropy on P·X, counted on the X tokens only (TTT / Temp-LoRA)."""
+    logits = model(ids)                                                     # (1, T, V)
+    tgt = ids[:, 1:].clone()
+    tgt[:, : max(n_prefix - 1, 0)] = -100
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1), tgt.flatten(), ignore_index=-100)
+
+
+def absorb_chunk(model, groups: list, cfg: AbsorbConfig, log: Optional[Callable[[dict], None]] = None) -> ChunkResult:
+    """Algorithm 1 on one chunk. groups: [(P, X, [Y_1, ...]), ...] (usually one group; chat probes
+    add a group with the chat prefix). The model must already carry LoRA (apply_lora)."""
+    params = lora_parameters(model)
+    if not params:
+        raise ValueError("absorb_chunk: apply_lora(model, ...) first")
+    t0 = time.time()
+    was_training = model.training
+    model.eval()  # no dropout in the base model; LoRA dropout (if any) is its own module
+    if cfg.objective == "ntp":
+        prefix, x, _ = groups[0]
+        ids = torch.tensor([list(prefix) + list(x)], device=_device(model))
+        compute = lambda: ntp_loss(model, ids, len(prefix))  # noqa: E731
+    else:
+        need_hidden = cfg.loss != "kl"
+        targets = teacher_targets(model, groups, need_hidden, cfg.loss in ("kl", "hybrid"))
+        sizes = targets.mask.sum(1).tolist()
+        rng = torch.Generator().manual_seed(cfg.seed)
+
+        def compute(final=False):
+            if cfg.batch_tokens <= 0 or sum(sizes) <= cfg.batch_tokens or final:
+                return sync_loss(model, targets, cfg)
+            rows, total = [], 0
+            for i in torch.randperm(len(sizes), generator=rng).tolist():
+                rows.append(i)
+                total += sizes[i]
+                if total >= cfg.batch_tokens:
+                    break
+            return sync_loss(model, targets.rows(sorted(rows)), cfg)
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999))
+    for m in model.modules():
+        if hasattr(m, "lora_A"):
+            m.train()  # LoRA dropout active while absorbing
+    res = ChunkResult(0, math.nan, math.nan)
+    good = {k: v.clone() for k, v in lora_state_dict(model).items()}
+    for step in range(cfg.steps + 1):
+        with torch.no_grad() if step == cfg.steps else torch.enable_grad():
+            loss = compute(final=True) if step == cfg.steps and cfg.objective == "sync" else compute()
+        lv = float(loss.detach())
+        if not math.isfinite(lv):
+            model.load_state_dict(good, strict=False)
+            res.stopped = "non-finite loss"
+            break
+        res.losses.append(lv)
+        if step == 0:
+            res.first_loss = lv
+        res.final_loss = lv
+        if step == cfg.steps:
+            break  # last entry is the loss after the final update (no step taken)
+        if lv < cfg.eps:
+            res.stopped = "early stop"
+            break
+        good = {k: v.clone() for k, v in lora_state_dict(model).items()}
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        opt.step()
+        res.steps += 1
+        if log:
+            log({"step": res.steps, "loss": lv, "elapsed": time.time() - t0})
+    for m in model.modules():
+        if hasattr(m, "lora_A"):
+            m.eval()
+    model.train(was_training)
+    res.seconds = time.time() - t0
+    return res
+
+
+@torch.no_grad()
+def sample_continuations(model, context: list[int], n_samples: int, n_tokens: int, temperature: float = 0.8,
+                         top_p: Optional[float] = 0.95, stop_ids: Iterable[int] = (), seed: int = 0) -> list[list[int]]:
+    """n_samples continuations of `context` decoded in one batch (context prefilled once).
+    A sample ends after a stop id (kept) or n_tokens."""
+    if n_samples <= 0 or n_tokens <= 0:
+        return []
+    dev = _device(model)
+    g = torch.Generator(device=dev).manual_seed(seed)
+    cache = model.new_cache(1, len(context) + n_tokens)
+    logits = model(torch.tensor([context], device=dev), cache=cache)[:, -1]      # (1, V)
+    cache.k = cache.k.expand(-1, n_samples, -1, -1, -1).contiguous()          # share the prefix
+    cache.v = cache.v.expand(-1, n_samples, -1, -1, -1).contiguous()
+    logits = logits.expand(n_samples, -1)
+    out = [[] for _ in range(n_samples)]
+    done = torch.zeros(n_samples, dtype=torch.bool, device=dev)
+    stop = torch.tensor(sorted(set(stop_ids)) or [-1], device=dev)
+    for _ in range(n_tokens):
+        nxt = sample_next(logits, temperature, None, top_p, g)                  # (B,)
+        for i in range(n_samples):
+            if not done[i]:
+                out[i].append(int(nxt[i]))
+        done |= torch.isin(nxt, stop)
+        if bool(done.all()):
+            break
+        logits = model(nxt.view(-1, 1), cache=cache)[:, -1]
+    return out
+
+
+@torch.no_grad()
+def greedy_answer(model, context: list[int], max_tokens: int, stop_ids: Iterable[int]) -> list[int]:
+    """Greedy decode after `context` (stop id kept at the end when produced)."""
+    from .sampling import generate
+
+    return list(generate(model, list(context), max_tokens, 0.0, stop_ids=stop_ids))
+
+
+def chunk_windows(n_tokens: int, n: int, m: int) -> list[tuple[int, int, int]]:
+    """Algorithm 2's windows over a stream of n_tokens: (x_start, x_end, y_end)."""
+    out, s = [], 0
+    while s < n_tokens:
+        e = min(s + n, n_tokens)
+        out.append((s, e, min(e + m, n_tokens)))
+        s = e
+    return out
+
+
+def absorb_stream(model, stream: list[int], cfg: AbsorbConfig, prefix: list[int] = (), stop_ids=(),
+                  log: Optional[Callable[[dict], None]] = None, extra_ys: Optional[Callable] = None) -> list:
+    """Algorithm 2 over a token stream (list or 1-D array; only windows of n + m are touched).
+    Y per window = the m real following tokens, plus cfg.gen_tokens teacher-generated tokens
+    (in gen_samples samples) when the real following text is shorter than m (always for the
+    last window). extra_ys(chunk_index, x_ids) -> list of (prefix, ys) pairs lets callers add
+    more Y sets (e.g. chat probes with their own prefix). Returns a ChunkResult per window."""
+    results = []
+    wins = chunk_windows(len(stream), cfg.chunk, cfg.sync_len)
+    absorbed = 0
+    for ci, (s, e, ye) in enumerate(wins):
+        x = [int(t) for t in stream[s:e]]
+        ys = []
+        real = [int(t) for t in stream[e:ye]]
+        if real:
+            ys.append(real)
+        if len(real) < cfg.sync_len and cfg.gen_tokens > 0:
+            per = max(1, cfg.gen_tokens // max(cfg.gen_samples, 1))
+            ctx = list(prefix) + x + real
+            gens = sample_continuations(model, ctx, cfg.gen_samples, per, cfg.gen_temperature, cfg.gen_top_p,
+                                        stop_ids, seed=cfg.seed + ci)
+            # a generated Y continues after the real text: it is synced as real + generated
+            ys += [real + g for g in gens if g]
+            if real and gens:
+                ys.remove(real)
+        groups = [(list(prefix), x, ys)] if ys else []
+        if extra_ys is not None:
+            groups += [(p, x, g) for p, g in extra_ys(ci, x)]
+        if not groups:
+            if cfg.objective != "ntp":
+                raise ValueError("nothing to synchronise on: no following text; set gen_tokens > 0")
+            groups = [(list(prefix), x, [])]
+        cb = (lambda d, ci=ci: log({**d, "chunk": ci + 1, "chunks": len(wins), "absorbed": absorbed})) if log else None
+        results.append(absorb_chunk(model, groups, cfg, cb))
+        absorbed += len(x)
+    return results
+
+
+def config_dict(cfg: AbsorbConfig) -> dict:
+    return asdict(cfg)

@@ -1,0 +1,95 @@
+"""What Y is made of for chat models: probe conversations about the absorbed text.
+
+Each probe is a user question plus an assistant answer. The teacher sees the document at the
+start of the user message (P · X · Y with X = document + "\\n\\n"), the student the same chat
+without it (P · Y). Probe kinds:
+  recite   "Repeat the text above word for word." answered with the text itself
+  entity   "What does the text say about {E}?" for names and numbers found in the text,
+           answered with the sentences that mention E (copied from the text, no generation)
+  generic  "Summarize the text." and friends, answered by the teacher (generation, slower)
+"""
+import re
+from collections import Counter
+from typing import Optional
+
+SENT_RE = re.compile(r"[^.!?\n]+[.!?]?")
+ENTITY_RE = re.compile(r"\b(?:[A-Z][a-z]+(?:[ -][A-Z][a-z]+)*|\d[\d,.]*\d|\d)\b")
+STOP = {"The", "A", "An", "It", "Its", "He", "She", "They", "His", "Her", "Their", "This", "That", "These",
+        "Those", "There", "Every", "When", "What", "Who", "In", "On", "At", "And", "But", "Or", "If", "As",
+        "For", "With", "From", "By", "To", "Of", "I", "We", "You", "Mr", "Mrs", "Miss", "Chapter", "CHAPTER",
+        "Then", "So", "Yes", "No", "Not", "One", "All", "Some", "After", "Before", "Once", "While"}
+GENERIC = ["Summarize the text.", "What are the most important facts in the text?",
+           "List the names, places and numbers mentioned in the text.", "What is the text about?"]
+RECITE = "Repeat the text above word for word."
+
+
+def sentences(text: str) -> list[str]:
+    return [s.strip() for s in SENT_RE.findall(text) if len(s.strip()) > 3]
+
+
+def entities(text: str, limit: int = 24) -> list[str]:
+    """Names (runs of capitalised words, minus sentence-starting function words) and numbers,
+    most frequent first, at most `limit`."""
+    counts: Counter = Counter()
+    for m in ENTITY_RE.finditer(text):
+        e = m.group(0)
+        words = e.split()
+        while words and words[0] in STOP:
+            words = words[1:]
+        e = " ".join(words)
+        if len(e) >= 2 or e.isdigit():
+            counts[e] += 1
+    return [e for e, _ in counts.most_common(limit)]
+
+
+def entity_probes(text: str, limit: int = 24, max_chars: int = 400) -> list[tuple[str, str]]:
+    sents = sentences(text)
+    out = []
+    for e in entities(text, limit):
+        ans = " ".join(s for s in sents if e in s)[:max_chars]
+        if ans:
+            out.append((f"What does the text say about {e}?", ans))
+    return out
+
+
+def recite_probe(text: str) -> tuple[str, str]:
+    return RECITE, text.strip()
+
+
+def chat_probe_ids(tok, doc: str, probes: list[tuple[str, str]], system: Optional[str] = None):
+    """Token ids (prefix P, context X, [Y_j]) for chat probes.
+    P = chat header up to and including '<|im_start|>user\\n' (with the model's default system
+    prompt), X = doc + '\\n\\n', Y_j = question + end-of-user + assistant header + answer + end."""
+    msgs = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": "\x00"}]
+    full = tok.apply_chat_template(msgs, add_generation_prompt=True)
+    head, tail = full.split("\x00")                       # tail = '<|im_end|>\n<|im_start|>assistant\n'
+    prefix = tok.encode(head, bos=tok.add_bos)
+    x = tok.encode(doc.strip() + "\n\n")
+    end = tok.special_tokens.get("<|im_end|>")
+    ys = []
+    for q, a in probes:
+        y = tok.encode(q + tail + a)
+        ys.append(y + ([end] if end is not None else ([tok.eos_id] if tok.eos_id is not None else [])))
+    return prefix, x, ys, tail
+
+
+def question_ids(tok, question: str, doc: Optional[str] = None, system: Optional[str] = None) -> list[int]:
+    """The prompt for asking `question` (with the document in the user message when given), laid
+    out exactly as the probes were: P · [doc + '\\n\\n'] · question + tail."""
+    prefix, x, _, tail = chat_probe_ids(tok, doc or "", [], system)
+    return prefix + (x if doc else []) + tok.encode(question + tail)
+
+
+def answer(model, tok, question: str, doc: Optional[str] = None, max_tokens: int = 32) -> str:
+    """Greedy answer to `question`, with the document in the prompt when `doc` is given."""
+    from .sampling import generate
+
+    out = [t for t in generate(model, question_ids(tok, question, doc), max_tokens, 0.0, stop_ids=tok.stop_ids)
+           if t not in tok.stop_ids]
+    return tok.decode(out).strip()
+
+
+def is_correct(prediction: str, answers: list[str]) -> bool:
+    """Lenient match: any accepted answer appears in the prediction (case-insensitive)."""
+    p = prediction.lower()
+    return any(a.lower() in p for a in answers)
