@@ -74,13 +74,15 @@ def main():
         groups = build(recipe, model, tok, doc, args.gen_tokens)
         n_y = sum(len(y) for y in groups[0][2])
         cfg = AbsorbConfig(steps=args.steps, lr=args.lr, loss=args.loss, batch_tokens=args.batch_tokens)
-        res = absorb_chunk(model, groups, cfg)
+        res = absorb_chunk(model, groups, cfg, log=lambda d: d['step'] % 5 == 0 and print(
+            f"  step {d['step']} loss {d['loss']:.4f} {d['elapsed']:.0f}s", file=sys.stderr, flush=True))
         t_abs = time.time() - t0
         with torch.no_grad():
             preds = [answer(model, tok, q["question"]) for q in qs]
         ok = sum(is_correct(pr, q["answers"]) for pr, q in zip(preds, qs))
         row = dict(recipe=recipe, facts=ok, of=len(qs), y_tokens=n_y, seconds=round(t_abs, 1),
-                   loss0=round(res.first_loss, 4), loss=round(res.final_loss, 4), **{k: v for k, v in vars(args).items() if k not in ("recipes", "out")})
+                   loss0=round(res.first_loss, 4), loss_end=round(res.final_loss, 4),
+                   **{k: v for k, v in vars(args).items() if k not in ("recipes", "out")})
         rows.append(row)
         print(json.dumps(row), flush=True)
         for pr, q in zip(preds, qs):

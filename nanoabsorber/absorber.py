@@ -50,11 +50,11 @@ class AbsorbConfig:
     grad_clip: float = 1.0       # max grad norm (0 = off)
     chunk: int = 1024            # n: tokens absorbed per window
     sync_len: int = 512          # m: real following tokens used as Y per window
-    gen_tokens: int = 0          # teacher-generated continuation tokens when the following text is short
+    gen_tokens: int = 128        # teacher-generated Y tokens when the following text is short (last window)
     gen_temperature: float = 0.8
     gen_top_p: float = 0.95
     gen_samples: int = 4         # generated continuations per chunk (split gen_tokens among them)
-    batch_tokens: int = 0        # Y tokens per optimizer step (random subset of the Y sequences); 0 = all
+    batch_tokens: int = 0        # Y tokens per optimizer step (a random subset of the Y sequences); 0 = all
     seed: int = 0
 
     def __post_init__(self):
@@ -168,6 +168,31 @@ def ntp_loss(model, ids: torch.Tensor, n_prefix: int) -> torch.Tensor:
     return F.cross_entropy(logits[:, :-1].flatten(0, 1), tgt.flatten(), ignore_index=-100)
 
 
+def _accumulate(model, t: Targets, rows: list, cfg: AbsorbConfig, backward: bool, max_tokens: int = 1024) -> float:
+    """Loss over `rows` of the targets, as length-sorted micro-batches of at most max_tokens
+    padded tokens (little padding waste, bounded activation memory); each micro-batch's loss is
+    weighted by its share of the Y tokens, so the sum is the loss over all rows (exactly for
+    l1/mse/kl; l1_norm normalises per micro-batch). Backward runs per micro-batch."""
+    lengths = t.mask.sum(1).tolist()
+    ends = [int(t.mask[i].nonzero().max()) + 1 for i in range(len(lengths))]
+    order = sorted(rows, key=lambda i: ends[i])
+    micro, cur = [], []
+    for i in order:
+        if cur and (len(cur) + 1) * ends[i] > max_tokens:
+            micro.append(cur)
+            cur = []
+        cur.append(i)
+    micro.append(cur)
+    n_total = sum(lengths[i] for i in rows)
+    total = 0.0
+    for mb in micro:
+        loss = sync_loss(model, t.rows(mb), cfg) * (sum(lengths[i] for i in mb) / n_total)
+        if backward:
+            loss.backward()
+        total += float(loss.detach())
+    return total
+
+
 def absorb_chunk(model, groups: list, cfg: AbsorbConfig, log: Optional[Callable[[dict], None]] = None) -> ChunkResult:
     """Algorithm 1 on one chunk. groups: [(P, X, [Y_1, ...]), ...] (usually one group; chat probes
     add a group with the chat prefix). The model must already carry LoRA (apply_lora)."""
@@ -180,23 +205,29 @@ def absorb_chunk(model, groups: list, cfg: AbsorbConfig, log: Optional[Callable[
     if cfg.objective == "ntp":
         prefix, x, _ = groups[0]
         ids = torch.tensor([list(prefix) + list(x)], device=_device(model))
-        compute = lambda: ntp_loss(model, ids, len(prefix))  # noqa: E731
+
+        def run_step(backward: bool, final: bool = False) -> float:
+            loss = ntp_loss(model, ids, len(prefix))
+            if backward:
+                loss.backward()
+            return float(loss.detach())
     else:
         need_hidden = cfg.loss != "kl"
         targets = teacher_targets(model, groups, need_hidden, cfg.loss in ("kl", "hybrid"))
         sizes = targets.mask.sum(1).tolist()
         rng = torch.Generator().manual_seed(cfg.seed)
 
-        def compute(final=False):
-            if cfg.batch_tokens <= 0 or sum(sizes) <= cfg.batch_tokens or final:
-                return sync_loss(model, targets, cfg)
-            rows, total = [], 0
-            for i in torch.randperm(len(sizes), generator=rng).tolist():
-                rows.append(i)
-                total += sizes[i]
-                if total >= cfg.batch_tokens:
-                    break
-            return sync_loss(model, targets.rows(sorted(rows)), cfg)
+        def run_step(backward: bool, final: bool = False) -> float:
+            rows = list(range(len(sizes)))
+            if cfg.batch_tokens > 0 and sum(sizes) > cfg.batch_tokens and not final:
+                rows, total = [], 0
+                for i in torch.randperm(len(sizes), generator=rng).tolist():
+                    rows.append(i)
+                    total += sizes[i]
+                    if total >= cfg.batch_tokens:
+                        break
+            return _accumulate(model, targets, rows, cfg, backward)
+
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999))
     for m in model.modules():
         if hasattr(m, "lora_A"):
@@ -204,9 +235,10 @@ def absorb_chunk(model, groups: list, cfg: AbsorbConfig, log: Optional[Callable[
     res = ChunkResult(0, math.nan, math.nan)
     good = {k: v.clone() for k, v in lora_state_dict(model).items()}
     for step in range(cfg.steps + 1):
-        with torch.no_grad() if step == cfg.steps else torch.enable_grad():
-            loss = compute(final=True) if step == cfg.steps and cfg.objective == "sync" else compute()
-        lv = float(loss.detach())
+        last = step == cfg.steps
+        opt.zero_grad(set_to_none=True)
+        with torch.no_grad() if last else torch.enable_grad():
+            lv = run_step(backward=not last, final=last)
         if not math.isfinite(lv):
             model.load_state_dict(good, strict=False)
             res.stopped = "non-finite loss"
@@ -215,14 +247,12 @@ def absorb_chunk(model, groups: list, cfg: AbsorbConfig, log: Optional[Callable[
         if step == 0:
             res.first_loss = lv
         res.final_loss = lv
-        if step == cfg.steps:
-            break  # last entry is the loss after the final update (no step taken)
+        if last:
+            break  # the last entry is the loss after the final update (no step taken)
         if lv < cfg.eps:
             res.stopped = "early stop"
             break
         good = {k: v.clone() for k, v in lora_state_dict(model).items()}
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
         if cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         opt.step()
@@ -289,7 +319,7 @@ def absorb_stream(model, stream: list[int], cfg: AbsorbConfig, prefix: list[int]
     """Algorithm 2 over a token stream (list or 1-D array; only windows of n + m are touched).
     Y per window = the m real following tokens, plus cfg.gen_tokens teacher-generated tokens
     (in gen_samples samples) when the real following text is shorter than m (always for the
-    last window). extra_ys(chunk_index, x_ids) -> list of (prefix, ys) pairs lets callers add
+    last window). extra_ys(chunk_index, x_ids) -> list of (P, X, [Y_j]) groups lets callers add
     more Y sets (e.g. chat probes with their own prefix). Returns a ChunkResult per window."""
     results = []
     wins = chunk_windows(len(stream), cfg.chunk, cfg.sync_len)
@@ -311,7 +341,7 @@ def absorb_stream(model, stream: list[int], cfg: AbsorbConfig, prefix: list[int]
                 ys.remove(real)
         groups = [(list(prefix), x, ys)] if ys else []
         if extra_ys is not None:
-            groups += [(p, x, g) for p, g in extra_ys(ci, x)]
+            groups += list(extra_ys(ci, x))
         if not groups:
             if cfg.objective != "ntp":
                 raise ValueError("nothing to synchronise on: no following text; set gen_tokens > 0")
@@ -320,6 +350,33 @@ def absorb_stream(model, stream: list[int], cfg: AbsorbConfig, prefix: list[int]
         results.append(absorb_chunk(model, groups, cfg, cb))
         absorbed += len(x)
     return results
+
+
+def absorb_text(model, tok, text: str, cfg: AbsorbConfig, probes: str = "recite,entity",
+                log: Optional[Callable[[dict], None]] = None) -> list:
+    """The high-level entry point (absorb.py, eval.py): absorb `text` into the LoRA of `model`.
+    Raw-text Y: the sync_len real tokens after each window (+ gen_tokens generated ones at the
+    end). For chat models, each window also gets chat probes about its text (`probes`, a comma
+    list of recite, entity; "" for none), see probes.py. Returns a ChunkResult per window."""
+    from .probes import chat_probe_ids, entity_probes, recite_probe
+
+    ids = tok.encode(text)
+    prefix = [tok.bos_id] if tok.add_bos and tok.bos_id is not None else []
+    kinds = {k.strip() for k in probes.split(",") if k.strip()}
+    bad = kinds - {"recite", "entity"}
+    if bad:
+        raise ValueError(f"unknown probe kind(s) {sorted(bad)}; use recite, entity")
+    extra = None
+    if kinds and tok.chat_format and cfg.objective == "sync":
+        def extra(ci, x):
+            chunk_text = tok.decode(x)
+            pr = ([recite_probe(chunk_text)] if "recite" in kinds else []) + \
+                 (entity_probes(chunk_text) if "entity" in kinds else [])
+            if not pr:
+                return []
+            p, xc, ys, _ = chat_probe_ids(tok, chunk_text, pr)
+            return [(p, xc, ys)]
+    return absorb_stream(model, ids, cfg, prefix, tok.stop_ids, log, extra)
 
 
 def config_dict(cfg: AbsorbConfig) -> dict:

@@ -51,7 +51,7 @@ def find_gguf(install: bool = True) -> Path:
 def default_model_dir() -> Path:
     """The converted default model folder, converting on first use (about 5 s)."""
     out = cache_root() / DIR_NAME
-    if all((out / f).exists() for f in ("config.json", "model.safetensors", "tokenizer.json")):
+    if all((out / f).exists() for f in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")):
         return out
     from .gguf_convert import convert_gguf_to_dir
 

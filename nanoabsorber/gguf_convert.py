@@ -94,6 +94,12 @@ def convert_gguf_to_dir(gguf_path, out_dir, log=lambda m: print(f"[nanoabsorber]
         hf_cfg["torch_dtype"] = "float32"
         (tmp / "config.json").write_text(json.dumps(hf_cfg, indent=2))
         tok.save_tokenizer_json(tmp / "tokenizer.json")
+        inv = {i: t for t, i in tok.special_tokens.items()}
+        tok_cfg = {"chat_template": tok.chat_template, "bos_token": inv.get(tok.bos_id),
+                   "eos_token": inv.get(tok.eos_id), "pad_token": inv.get(tok.pad_id),
+                   "add_bos_token": tok.add_bos, "model_max_length": cfg.max_seq_len,
+                   "tokenizer_class": "GPT2Tokenizer"}
+        (tmp / "tokenizer_config.json").write_text(json.dumps(tok_cfg, indent=2))
         atomic_save_file(sd, tmp / "model.safetensors",
                          metadata={"format": "pt", "source": Path(gguf_path).name})
         (tmp / "SOURCE.txt").write_text(f"converted by nanoabsorber from {Path(gguf_path).name}\n")
