@@ -143,7 +143,7 @@ def lm_documents(args, tok) -> list:
     """[(name, [segment ids, ...])]: from --docs, or one generated story."""
     n = args.context + args.eval_len
     if args.docs:
-        return [(Path(p).name, ev.document_segments(ev.read_text_file(p), tok, n, args.lm_segments, p)) for p in args.docs]
+        return [(Path(p).name, ev.document_segments(text, tok, n, args.lm_segments, p)) for p, text in args.doc_texts]
     count = lambda s: len(tok.encode(s))  # noqa: E731
     segs = [tok.encode(ev.make_story(args.seed + k, n + 64, count))[:n] for k in range(args.lm_segments)]
     return [("generated story", segs)]
@@ -294,7 +294,8 @@ def run_tasks(model, tok, args, methods, base_cfg) -> dict:
 def cost_text_ids(args, tok, n: int) -> list:
     """n tokens of realistic text: the first --docs file, else a generated story."""
     if args.docs:
-        return ev.document_segments(ev.read_text_file(args.docs[0]), tok, n, 1, args.docs[0])[0]
+        path, text = args.doc_texts[0]
+        return ev.document_segments(text, tok, n, 1, path)[0]
     ids = tok.encode(ev.make_story(args.seed + 1, n + 64, lambda s: len(tok.encode(s))))
     return ids[:n]
 
@@ -417,7 +418,9 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     set_attention_impl(args.attn)
     methods = ev.parse_methods(args.methods)
-    if "tasks" in args.only:  # read (and validate) the task file before the slow model load
+    # read (and validate) the input files before the slow model load
+    args.doc_texts = [(p, ev.read_text_file(p)) for p in args.docs or [] if "lm" in args.only or "cost" in args.only]
+    if "tasks" in args.only:
         args.task_items = ev.load_tasks(args.tasks)[:args.tasks_limit or None]
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -431,8 +434,8 @@ def main(argv=None):
     n_params = sum(p.numel() for n, p in model.named_parameters() if "lora_" not in n)
     say(f"loaded {args.ckpt or 'the default model'} ({n_params / 1e6:.0f}M parameters) in {time.time() - t_start:.1f}s; "
         f"sections: {','.join(args.only)}; methods: {','.join(m.name for m in methods)}")
-    res = {"command": "python " + " ".join([Path(sys.argv[0]).name] + (argv if argv is not None else sys.argv[1:])),
-           "config": {k: v for k, v in vars(args).items() if k != "task_items"},
+    res = {"command": "python " + " ".join(["eval.py"] + (argv if argv is not None else sys.argv[1:])),
+           "config": {k: v for k, v in vars(args).items() if k not in ("task_items", "doc_texts")},
            "absorb_config": {m.name: asdict(ev.method_config(base_cfg, m)) for m in methods if m.kind == "absorb"},
            "model": {"name": args.ckpt or "SmolLM2-135M-Instruct (default)", "params_m": n_params / 1e6,
                      "config": model.cfg.to_dict()},

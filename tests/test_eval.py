@@ -1,8 +1,10 @@
 """eval.py and nanoabsorber.evaluation: metrics against hand-computed values, the fact generator,
 the JSONL loader's errors, the streaming-absorption windows, and eval.py end to end on a tiny
 random checkpoint with a tiny SentencePiece tokenizer."""
+import importlib
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +18,7 @@ from hypothesis import strategies as st
 from nanoabsorber import evaluation as ev
 from nanoabsorber import load, save_checkpoint
 from nanoabsorber.absorber import AbsorbConfig
+from nanoabsorber.cli import run
 from nanoabsorber.metrics import target_logprobs
 from tests.test_model import tiny
 
@@ -248,18 +251,28 @@ def tiny_ckpt(tmp_path_factory) -> Path:
     return folder
 
 
-def _run_eval(args: list, cwd=ROOT) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "eval.py", *args], cwd=cwd, capture_output=True, text=True, timeout=300,
-                          env={**__import__("os").environ, "NANOABSORBER_QUIET": "1"})
+def _run_eval(args: list) -> subprocess.CompletedProcess:
+    """eval.py as a program, in a fresh process."""
+    return subprocess.run([sys.executable, "eval.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "NANOABSORBER_QUIET": "1"})
+
+
+def _main(args: list, capsys) -> tuple:
+    """eval.py's main through cli.run, in this process: (exit status, stdout, stderr)."""
+    eval_py = importlib.import_module("eval")
+    with pytest.raises(SystemExit) as e:
+        run(lambda: eval_py.main(args))
+    out = capsys.readouterr()
+    return e.value.code, out.out, out.err
 
 
 SMALL = ["--context", "96", "--eval-len", "32", "--window", "32", "--buckets", "4", "--fact-lengths", "48,96",
-         "--facts-per-doc", "3", "--fact-docs", "1", "--steps", "2", "--answer-tokens", "6", "--chunk", "64", "--sync-len", "32",
-         "--cost-lengths", "64,128", "--cost-tokens", "64", "--cost-steps", "1", "--decode-tokens", "3",
-         "--threads", "1", "--device", "cpu"]
+         "--facts-per-doc", "3", "--fact-docs", "1", "--steps", "2", "--answer-tokens", "6", "--chunk", "64",
+         "--sync-len", "32", "--cost-lengths", "64,128", "--cost-tokens", "64", "--cost-steps", "1",
+         "--decode-tokens", "3", "--threads", "1", "--device", "cpu"]
 
 
-def test_eval_end_to_end_on_a_tiny_checkpoint(tiny_ckpt, tmp_path):
+def test_eval_end_to_end_on_a_tiny_checkpoint(tiny_ckpt, tmp_path, capsys):
     model, tok = load(tiny_ckpt)
     assert tok.vocab_size == 512 and model.cfg.max_seq_len == 2048
     tasks = tmp_path / "tasks.jsonl"
@@ -267,8 +280,9 @@ def test_eval_end_to_end_on_a_tiny_checkpoint(tiny_ckpt, tmp_path):
                                            "answer": q.answers})
                                for k in range(2) for q in ev.make_fact_doc(50 + k, 60, 1).facts) + "\n")
     out = tmp_path / "out"
-    r = _run_eval(["--ckpt", str(tiny_ckpt), "--out", str(out), "--tasks", str(tasks), *SMALL])
-    assert r.returncode == 0, r.stderr[-3000:]
+    code, stdout, stderr = _main(["--ckpt", str(tiny_ckpt), "--out", str(out), "--tasks", str(tasks),
+                                  "--only", "lm,facts,tasks", *SMALL], capsys)
+    assert code == 0, stderr[-3000:]
     res = json.loads((out / "results.json").read_text())
     names = list(ev.METHODS)
     assert list(res["lm"]["summary"]) == names
@@ -282,39 +296,62 @@ def test_eval_end_to_end_on_a_tiny_checkpoint(tiny_ckpt, tmp_path):
     assert len(facts["rows"]) == 2 * 3 * len(names)                      # 2 docs x 3 facts x methods
     assert set(facts["summary"]["full"]["by_length"]) == {"48", "96"}
     assert set(facts["summary"]["full"]["by_position"]) == set(ev.POSITIONS)
-    assert {r["method"] for r in res["cost"]["absorb"]} == {"absorber", "ntp", "kl", "hybrid"}
-    inf = res["cost"]["inference"]
-    assert {(r["context_tokens"], r["mode"]) for r in inf} == {(64, "full"), (64, "absorbed"), (128, "full"),
-                                                               (128, "absorbed")}
-    full128 = next(r for r in inf if r["context_tokens"] == 128 and r["mode"] == "full")
-    assert full128["tokens_in_window"] == 128 and full128["kv_cache_bytes"] == ev.kv_cache_bytes(model.cfg, 131, 4)
-    assert all(r["tokens_in_window"] == 32 for r in inf if r["mode"] == "absorbed")
+    assert res["tasks"]["n_tasks"] == 2 and len(res["tasks"]["rows"]) == 2 * len(names)
     env = res["environment"]
     assert env["torch"] == torch.__version__ and env["python"] and "git_commit" in env
     assert res["config"]["steps"] == 2 and res["absorb_config"]["ntp"]["objective"] == "ntp"
-    for png in ("lm_nll_position.png", "facts_accuracy.png", "cost_memory_latency.png"):
+    assert res["absorb_config"]["absorber"]["loss"] == "l1" and res["absorb_config"]["hybrid"]["loss"] == "hybrid"
+    for png in ("lm_nll_position.png", "facts_accuracy.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     md = (out / "results.md").read_text()
-    assert md in r.stdout and "Absorber (L1 sync)" in md and "KV cache MiB" in md and "exact match" in md
+    assert md in stdout and "Absorber (L1 sync)" in md and "exact match" in md and "| len 96 |" in md
 
 
-def test_eval_quick_with_only_and_bad_input_errors(tiny_ckpt, tmp_path):
+def test_eval_cost_as_a_program(tiny_ckpt, tmp_path):
+    out = tmp_path / "out"
+    r = _run_eval(["--ckpt", str(tiny_ckpt), "--out", str(out), "--only", "cost", "--methods", "full,absorber", *SMALL])
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads((out / "results.json").read_text())
+    assert [r["method"] for r in res["cost"]["absorb"]] == ["absorber"]
+    a = res["cost"]["absorb"][0]
+    assert a["steps"] == 1 and a["seconds"] > 0 and a["memory_peak_bytes"] >= a["memory_start_bytes"] > 0
+    inf = res["cost"]["inference"]
+    assert {(r["context_tokens"], r["mode"]) for r in inf} == {(64, "full"), (64, "absorbed"), (128, "full"),
+                                                               (128, "absorbed")}
+    cfg = load(tiny_ckpt, tokenizer=False)[0].cfg
+    full128 = next(r for r in inf if r["context_tokens"] == 128 and r["mode"] == "full")
+    assert full128["tokens_in_window"] == 128 and full128["kv_cache_bytes"] == ev.kv_cache_bytes(cfg, 131, 4)
+    assert all(r["tokens_in_window"] == 32 and r["decode_ms_per_token"] > 0 for r in inf if r["mode"] == "absorbed")
+    assert (out / "cost_memory_latency.png").read_bytes()[:4] == b"\x89PNG"
+    assert "KV cache MiB" in r.stdout and "decode ms / tok" in r.stdout
+
+
+def test_eval_only_lm_on_a_document(tiny_ckpt, tmp_path, capsys):
     doc = tmp_path / "book.txt"
     doc.write_text(ev.make_story(7, 600))
-    r = _run_eval(["--ckpt", str(tiny_ckpt), "--only", "lm", "--methods", "full,none,window,absorber", "--out",
-                   str(tmp_path / "o"), "--docs", str(doc), *SMALL])
-    assert r.returncode == 0, r.stderr[-2000:]
+    code, _, err = _main(["--ckpt", str(tiny_ckpt), "--only", "lm", "--methods", "full,none,window,absorber",
+                          "--out", str(tmp_path / "o"), "--docs", str(doc), *SMALL], capsys)
+    assert code == 0, err[-2000:]
     res = json.loads((tmp_path / "o" / "results.json").read_text())
-    assert "facts" not in res and "cost" not in res and list(res["lm"]["summary"]) == ["full", "none", "window", "absorber"]
-    assert res["lm"]["documents"] == [{"name": "book.txt", "segments": 1}]
+    assert "facts" not in res and "cost" not in res
+    assert list(res["lm"]["summary"]) == ["full", "none", "window", "absorber"]
+    assert res["lm"]["documents"] == [{"name": "book.txt", "segments": 2}]   # full preset: 2 per document
+
+
+def test_eval_bad_input_is_one_line_and_exit_2(tiny_ckpt, tmp_path, capsys):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"context": "c", "question": "q", "answer": "a"}\n{oops\n')
+    short = tmp_path / "short.txt"
+    short.write_text("just a few words\n")
     for args, msg in [(["--tasks", str(bad), "--only", "tasks"], f"{bad}:2: not valid JSON"),
                       (["--only", "tasks"], "--only tasks needs --tasks"),
+                      (["--only", "lm,speed"], "unknown section(s) ['speed']"),
                       (["--methods", "full,magic"], "unknown method(s) ['magic']"),
                       (["--docs", str(tmp_path / "missing.txt"), "--only", "lm"], "missing.txt: no such file"),
-                      (["--window", "200", "--context", "100"], "--window (200) must be smaller")]:
-        r = _run_eval(["--ckpt", str(tiny_ckpt), "--out", str(tmp_path / "o2"), *args])
-        assert r.returncode == 2, (args, r.stderr[-2000:])
-        err = [ln for ln in r.stderr.strip().splitlines() if not ln.startswith("eval.py {")]
-        assert len(err) == 1 and err[0].startswith("error: ") and msg in err[0], (args, r.stderr)
+                      (["--docs", str(short), "--only", "lm", *SMALL], "short.txt: too short"),
+                      (["--window", "200", "--context", "100"], "--window (200) must be smaller"),
+                      (["--fact-lengths", "12,x"], "--fact-lengths: expected a comma list of integers")]:
+        code, _, err = _main(["--ckpt", str(tiny_ckpt), "--out", str(tmp_path / "o2"), *args], capsys)
+        lines = [ln for ln in err.strip().splitlines() if ln.startswith("error")]
+        assert code == 2 and len(lines) == 1 and msg in lines[0], (args, err)
+        assert "Traceback" not in err
