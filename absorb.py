@@ -91,8 +91,9 @@ def main():
     p.add_argument("--eps", type=float, default=D.eps, help="early stop when the loss falls below this")
     p.add_argument("--chunk", type=int, default=D.chunk, help="n: tokens absorbed per window")
     p.add_argument("--sync-len", type=int, default=D.sync_len, help="m: following tokens used as Y per window")
-    p.add_argument("--gen-tokens", type=int, default=D.gen_tokens,
-                   help="teacher-generated Y tokens where the following text is short (last window)")
+    p.add_argument("--gen-tokens", type=int, default=None,
+                   help="teacher-generated Y tokens where the following text is short (last window); "
+                        f"default 0 when chat probes are used, else {D.gen_tokens}")
     p.add_argument("--probes", default="recite,entity",
                    help="chat probe kinds added to Y for chat models: recite,entity ('' for none)")
     p.add_argument("--batch-tokens", type=int, default=D.batch_tokens, help="Y tokens per step (0 = all)")
@@ -102,6 +103,11 @@ def main():
                    help="sync (Absorber) or ntp (next-token prediction on the text: TTT / Temp-LoRA baseline)")
     p.add_argument("--questions", default=None,
                    help="JSON list of {question, answers} to ask before/after (default: the demo's, for the demo)")
+    p.add_argument("--eval-holdout", type=int, default=0,
+                   help="hold out the last N tokens of the context and report NLL/KL on them: no context, "
+                        "full context, absorbed (measured, printed in the summary)")
+    p.add_argument("--compare-ntp", action="store_true",
+                   help="with --eval-holdout: also absorb with next-token prediction (same steps) and compare")
     p.add_argument("--seed", type=int, default=0, help="random seed")
     args = p.parse_args()
     print_config("absorb.py", args)
@@ -118,6 +124,15 @@ def main():
     t0 = time.time()
     model, tok = load(args.ckpt, device=args.device, dtype=DTYPES[args.dtype])
     n_tokens = len(tok.encode(text))
+    holdout = None
+    if args.eval_holdout:
+        all_ids = tok.encode(text)
+        if args.eval_holdout >= len(all_ids) // 2:
+            raise UserError(f"{name}: --eval-holdout {args.eval_holdout} needs a context of more than "
+                            f"{2 * args.eval_holdout} tokens (it has {len(all_ids)})")
+        holdout = all_ids[-args.eval_holdout:]
+        text = tok.decode(all_ids[:-args.eval_holdout])
+        n_tokens = len(tok.encode(text))
     print(f"loaded model in {time.time() - t0:.1f}s; context {name}: {len(text)} chars, {n_tokens} tokens",
           file=sys.stderr)
     if n_tokens < args.chunk:
@@ -135,6 +150,18 @@ def main():
             for q in questions:
                 before.append((answer(model, tok, q["question"]), answer(model, tok, q["question"], doc=text)))
 
+    if holdout:
+        from nanoabsorber.metrics import target_logprobs
+
+        prefix = [tok.bos_id] if tok.add_bos and tok.bos_id is not None else []
+        ctx = tok.encode(text)[-(model.cfg.max_seq_len - len(holdout) - len(prefix)):]
+        print(f"holdout: scoring {len(holdout)} held-out tokens with the full context ({len(ctx)} tokens) "
+              f"and with none ...", file=sys.stderr)
+        logp_full = target_logprobs(model, prefix, ctx, holdout)
+        logp_none = target_logprobs(model, prefix, [], holdout)
+
+    if args.gen_tokens is None:
+        args.gen_tokens = 0 if (args.probes and tok.chat_format and args.objective == "sync") else D.gen_tokens
     cfg = AbsorbConfig(objective=args.objective, loss=args.loss, steps=args.steps, lr=args.lr, eps=args.eps,
                        chunk=args.chunk, sync_len=args.sync_len, gen_tokens=args.gen_tokens,
                        batch_tokens=args.batch_tokens, seed=args.seed)
@@ -166,6 +193,32 @@ def main():
           f"(window 1 stopped at: {results[0].stopped})")
     print(f"adapter: {out} ({out.stat().st_size / 1e6:.2f} MB, {n_lora / 1e6:.2f}M parameters) vs the KV cache "
           f"the context would need: {kv_bytes / 1e6:.2f} MB ({args.dtype})")
+
+    if holdout:
+        from nanoabsorber.lora import lora_state_dict, reset_lora
+        from nanoabsorber.metrics import kl, nll, recovered
+
+        rows = {"no context": logp_none, "full context": logp_full,
+                f"absorbed ({args.objective}, {args.loss})": target_logprobs(model, prefix, [], holdout)}
+        if args.compare_ntp:
+            saved = {k: v.clone() for k, v in lora_state_dict(model).items()}
+            reset_lora(model, seed=args.seed)
+            t2 = time.time()
+            ntp_cfg = AbsorbConfig(**{**cfg.__dict__, "objective": "ntp"})
+            prog_ntp = Progress(n_tokens, args.steps)
+            absorb_text(model, tok, text, ntp_cfg, probes="", log=prog_ntp)
+            prog_ntp.done()
+            print(f"next-token-prediction absorption: {time.time() - t2:.1f}s", file=sys.stderr)
+            rows["absorbed (ntp: TTT / Temp-LoRA)"] = target_logprobs(model, prefix, [], holdout)
+            model.load_state_dict(saved, strict=False)
+        n = min(v.shape[0] for v in rows.values())
+        z = holdout[-n:]
+        base = {k: nll(v[-n:], z) for k, v in rows.items()}
+        print(f"\nheld-out continuation: {n} tokens (never absorbed)")
+        print(f"{'method':<36} {'NLL/token':>9} {'KL(full||.)':>11} {'recovered':>9}")
+        for k, v in rows.items():
+            rec = recovered(base["no context"], base["full context"], base[k])
+            print(f"{k:<36} {base[k]:9.4f} {kl(rows['full context'][-n:], v[-n:]):11.4f} {rec:9.3f}")
 
     if questions:
         with torch.no_grad():

@@ -54,8 +54,8 @@ PRESETS = {
     "full": dict(context=2048, eval_len=512, window=256, lm_segments=2, steps=D.steps, batch_tokens=D.batch_tokens,
                  fact_lengths="256,512,1024", facts_per_doc=6, fact_docs=2, cost_lengths="1024,2048,4096,8192",
                  cost_tokens=1024, cost_steps=D.steps, decode_tokens=32, answer_tokens=32),
-    "quick": dict(context=1024, eval_len=256, window=128, lm_segments=1, steps=10, batch_tokens=D.batch_tokens or 512,
-                  fact_lengths="256,512,1024", facts_per_doc=3, fact_docs=1, cost_lengths="1024,2048,4096",
+    "quick": dict(context=1024, eval_len=256, window=128, lm_segments=1, steps=10, batch_tokens=D.batch_tokens or 256,
+                  fact_lengths="128,256,512", facts_per_doc=3, fact_docs=1, cost_lengths="1024,2048,4096",
                   cost_tokens=512, cost_steps=2, decode_tokens=16, answer_tokens=24),
 }
 
@@ -155,13 +155,17 @@ def run_lm(model, tok, args, methods, base_cfg) -> dict:
         raise UserError(f"--context + --eval-len = {args.context + args.eval_len} exceeds the model's "
                         f"{model.cfg.max_seq_len}-token context")
     C, W = args.context, args.window
-    segments, per_token = [], {m.name: [] for m in methods}
+    segments, per_token = [], {}        # per_token[name]: one (E-1,) NLL tensor per segment
     docs = lm_documents(args, tok)
     for name, segs in docs:
         for si, ids in enumerate(segs):
             ctx, target = ids[:C], ids[C:]
             say(f"[lm] {name} segment {si + 1}/{len(segs)}: context {C}, window {W}, evaluated {len(target)} tokens")
-            logp_full = ev.lm_logprobs(model, prefix, ctx, target)
+            reset_lora(model, args.seed)
+            # the two references of the recovered fraction are always measured, selected or not
+            refs = {"full": ev.lm_logprobs(model, prefix, ctx, target), "none": ev.lm_logprobs(model, prefix, [], target)}
+            for ref, logp in refs.items():
+                per_token.setdefault(ref, []).append(ev.token_nlls(logp, target))
             row = {"document": name, "segment": si, "methods": {}}
             for m in methods:
                 reset_lora(model, args.seed)
@@ -172,36 +176,21 @@ def run_lm(model, tok, args, methods, base_cfg) -> dict:
                     absorbed = {"tokens": C - W, "windows": len(res), "steps": sum(r.steps for r in res),
                                 "seconds": time.time() - t0, "first_loss": res[0].first_loss,
                                 "final_loss": res[-1].final_loss}
-                context = {"full": ctx, "none": []}.get(m.kind, ctx[-W:])
-                logp = logp_full if m.kind == "full" else ev.lm_logprobs(model, prefix, context, target)
-                nlls = ev.token_nlls(logp, target)
-                per_token[m.name].append(nlls)
-                row["methods"][m.name] = {"nll": float(nlls.mean()), "kl": float(ev.token_kls(logp_full, logp).mean()),
-                                          "absorb": absorbed}
-                say(f"[lm]   {m.label:22s} NLL {float(nlls.mean()):.4f}  KL {row['methods'][m.name]['kl']:.4f}"
+                if m.kind in refs:
+                    logp, nlls = refs[m.kind], per_token[m.kind][-1]
+                else:
+                    logp = ev.lm_logprobs(model, prefix, ctx[-W:], target)   # window, or absorbed + window
+                    nlls = ev.token_nlls(logp, target)
+                    per_token.setdefault(m.name, []).append(nlls)
+                kl = float(ev.token_kls(refs["full"], logp).mean())
+                row["methods"][m.name] = {"nll": float(nlls.mean()), "kl": kl, "absorb": absorbed}
+                say(f"[lm]   {m.label:22s} NLL {float(nlls.mean()):.4f}  KL {kl:.4f}"
                     + (f"  (absorbed {C - W} tokens in {absorbed['seconds']:.0f}s)" if absorbed else ""))
             segments.append(row)
     reset_lora(model, args.seed)
-    summary = {}
-    nll = {n: float(torch.cat(v).mean()) for n, v in per_token.items()}
-    for m in methods:
-        rows = [s["methods"][m.name] for s in segments]
-        ab = [r["absorb"] for r in rows if r["absorb"]]
-        secs, toks = sum(a["seconds"] for a in ab), sum(a["tokens"] for a in ab)
-        summary[m.name] = {"label": m.label, "nll": nll[m.name], "ppl": float(torch.tensor(nll[m.name]).exp()),
-                           "kl": ev.mean(r["kl"] for r in rows),
-                           "recovered": (ev.recovered_fraction(nll["none"], nll["full"], nll[m.name])
-                                         if "none" in nll and "full" in nll else None),
-                           "absorb_seconds_per_1k_tokens": secs / toks * 1000 if toks else None}
-    mean_curve = {n: torch.stack(v).mean(0).tolist() for n, v in per_token.items()}
-    position = {"nll": {}, "bucket_starts": None, "bucket_centers": None}
-    for n, curve in mean_curve.items():
-        position["nll"][n], starts = ev.bucket_means(curve, args.buckets)
-        ends = starts[1:] + [len(curve)]
-        position["bucket_starts"] = [s + 1 for s in starts]   # curve[0] is target token 1
-        position["bucket_centers"] = [(s + e - 1) / 2 + 1 for s, e in zip(starts, ends)]
     return {"documents": [{"name": n, "segments": len(s)} for n, s in docs], "segments": segments,
-            "summary": summary, "position": position}
+            "summary": ev.lm_summary(segments, per_token, methods),
+            "position": ev.nll_by_position({m.name: per_token[m.name] for m in methods}, args.buckets)}
 
 
 # ------------------------------------------------------------------------------------------

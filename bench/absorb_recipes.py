@@ -17,8 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from nanoabsorber import load  # noqa: E402
 from nanoabsorber.absorber import AbsorbConfig, absorb_chunk, sample_continuations  # noqa: E402
 from nanoabsorber.lora import apply_lora, lora_modules, reset_lora  # noqa: E402
-from nanoabsorber.probes import (GENERIC, answer, chat_probe_ids, entity_probes, is_correct,  # noqa: E402
-                                 recite_probe)
+from nanoabsorber.probes import GENERIC, answer, chat_probe_ids, is_correct, make_probes  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[1] / "nanoabsorber" / "assets"
 
@@ -26,11 +25,7 @@ DATA = Path(__file__).resolve().parents[1] / "nanoabsorber" / "assets"
 def build(recipe: str, model, tok, doc: str, gen_tokens: int):
     """Probe list for a recipe name like 'recite+entity+generic' ('generic' answers are generated)."""
     parts = recipe.split("+")
-    probes = []
-    if "recite" in parts:
-        probes.append(recite_probe(doc))
-    if "entity" in parts:
-        probes += entity_probes(doc)
+    probes = make_probes(doc, parts)
     prefix, x, ys, tail = chat_probe_ids(tok, doc, probes)
     if "generic" in parts or "sampled" in parts:
         end = tok.special_tokens["<|im_end|>"]

@@ -45,7 +45,7 @@ class AbsorbConfig:
     temperature: float = 1.0     # softmax temperature of the KL term
     steps: int = 30              # max optimizer steps per chunk (K)
     eps: float = 0.0             # early stop when the loss falls below eps (paper: 2 on Llama-2-7B)
-    lr: float = 1e-3
+    lr: float = 3e-3
     weight_decay: float = 0.0
     grad_clip: float = 1.0       # max grad norm (0 = off)
     chunk: int = 1024            # n: tokens absorbed per window
@@ -330,7 +330,7 @@ def absorb_stream(model, stream: list[int], cfg: AbsorbConfig, prefix: list[int]
         real = [int(t) for t in stream[e:ye]]
         if real:
             ys.append(real)
-        if len(real) < cfg.sync_len and cfg.gen_tokens > 0:
+        if len(real) < cfg.sync_len and cfg.gen_tokens > 0 and cfg.objective == "sync":
             per = max(1, cfg.gen_tokens // max(cfg.gen_samples, 1))
             ctx = list(prefix) + x + real
             gens = sample_continuations(model, ctx, cfg.gen_samples, per, cfg.gen_temperature, cfg.gen_top_p,
@@ -358,20 +358,19 @@ def absorb_text(model, tok, text: str, cfg: AbsorbConfig, probes: str = "recite,
     Raw-text Y: the sync_len real tokens after each window (+ gen_tokens generated ones at the
     end). For chat models, each window also gets chat probes about its text (`probes`, a comma
     list of recite, entity; "" for none), see probes.py. Returns a ChunkResult per window."""
-    from .probes import chat_probe_ids, entity_probes, recite_probe
+    from .probes import chat_probe_ids, make_probes
 
     ids = tok.encode(text)
     prefix = [tok.bos_id] if tok.add_bos and tok.bos_id is not None else []
     kinds = {k.strip() for k in probes.split(",") if k.strip()}
-    bad = kinds - {"recite", "entity"}
+    bad = kinds - {"recite", "entity", "cloze"}
     if bad:
-        raise ValueError(f"unknown probe kind(s) {sorted(bad)}; use recite, entity")
+        raise ValueError(f"unknown probe kind(s) {sorted(bad)}; use recite, entity, cloze")
     extra = None
     if kinds and tok.chat_format and cfg.objective == "sync":
         def extra(ci, x):
             chunk_text = tok.decode(x)
-            pr = ([recite_probe(chunk_text)] if "recite" in kinds else []) + \
-                 (entity_probes(chunk_text) if "entity" in kinds else [])
+            pr = make_probes(chunk_text, kinds)
             if not pr:
                 return []
             p, xc, ys, _ = chat_probe_ids(tok, chunk_text, pr)

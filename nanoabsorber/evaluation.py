@@ -486,6 +486,37 @@ def recovered_fraction(nll_none: float, nll_full: float, nll_method: float) -> f
     return (nll_none - nll_method) / gap if abs(gap) > 1e-9 else math.nan
 
 
+def lm_summary(segments: list, per_token: dict, methods: list) -> dict:
+    """Per method: NLL over every evaluated token, perplexity, mean KL from the full-context
+    model, fraction of the context effect recovered (references "full" and "none" in
+    per_token) and absorption seconds per 1k tokens."""
+    nll = {n: float(torch.cat(v).mean()) for n, v in per_token.items()}
+    out = {}
+    for m in methods:
+        rows = [s["methods"][m.name] for s in segments]
+        ab = [r["absorb"] for r in rows if r["absorb"]]
+        secs, toks = sum(a["seconds"] for a in ab), sum(a["tokens"] for a in ab)
+        out[m.name] = {"label": m.label, "nll": nll[m.name], "ppl": math.exp(nll[m.name]),
+                       "kl": mean(r["kl"] for r in rows),
+                       "recovered": recovered_fraction(nll["none"], nll["full"], nll[m.name]),
+                       "absorb_seconds_per_1k_tokens": secs / toks * 1000 if toks else None}
+    return out
+
+
+def nll_by_position(per_token: dict, n_buckets: int) -> dict:
+    """NLL against position after the context: per method, the per-token NLL averaged over
+    segments, then over n_buckets contiguous buckets. Positions count target tokens after the
+    context (1 = the second evaluated token, the first one every method predicts)."""
+    out = {"nll": {}, "bucket_starts": [], "bucket_centers": []}
+    for name, curves in per_token.items():
+        curve = torch.stack(curves).mean(0).tolist()
+        out["nll"][name], starts = bucket_means(curve, n_buckets)
+        ends = starts[1:] + [len(curve)]
+        out["bucket_starts"] = [s + 1 for s in starts]
+        out["bucket_centers"] = [(s + e - 1) / 2 + 1 for s, e in zip(starts, ends)]
+    return out
+
+
 # ------------------------------------------------------------------------------------------
 # Memory and cost (measured in fresh processes, so that nothing earlier pollutes the peak)
 # ------------------------------------------------------------------------------------------

@@ -6,6 +6,9 @@ without it (P · Y). Probe kinds:
   recite   "Repeat the text above word for word." answered with the text itself
   entity   "What does the text say about {E}?" for names and numbers found in the text,
            answered with the sentences that mention E (copied from the text, no generation)
+  cloze    "Complete the sentence from the text: The school is called ___." for every sentence
+           and name/number in it, answered with the whole sentence (the forward direction a
+           question takes: from the cue to the fact)
   generic  "Summarize the text." and friends, answered by the teacher (generation, slower)
 """
 import re
@@ -50,6 +53,26 @@ def entity_probes(text: str, limit: int = 24, max_chars: int = 400) -> list[tupl
         if ans:
             out.append((f"What does the text say about {e}?", ans))
     return out
+
+
+def cloze_probes(text: str, limit: int = 48) -> list[tuple[str, str]]:
+    ents = entities(text, 10 * limit)
+    out = []
+    for sent in sentences(text):
+        # the names/numbers in the sentence, and its last long word (sentences tend to end on news)
+        words = re.findall(r"[A-Za-z]{4,}", sent)
+        blanks = [e for e in ents if e in sent] + [w for w in words[-1:] if not any(w in e for e in ents)]
+        for e in blanks:
+            if len(sent) > len(e) + 8:
+                out.append((f"Complete the sentence from the text: {sent.replace(e, '___', 1)}", sent))
+    return out[:limit]
+
+
+def make_probes(text: str, kinds) -> list[tuple[str, str]]:
+    """Probe (question, answer) pairs of the given kinds (recite, entity, cloze) for `text`."""
+    kinds = set(kinds)
+    return (([recite_probe(text)] if "recite" in kinds else []) + (entity_probes(text) if "entity" in kinds else [])
+            + (cloze_probes(text) if "cloze" in kinds else []))
 
 
 def recite_probe(text: str) -> tuple[str, str]:

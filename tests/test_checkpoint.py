@@ -189,3 +189,32 @@ def test_cli_bad_checkpoint_is_one_line(tmp_path):
     assert r.returncode == 2
     err = [l for l in r.stderr.splitlines() if l.startswith("error:")]
     assert len(err) == 1 and str(bad) in err[0] and "Traceback" not in r.stderr
+
+
+def test_interrupted_gguf_conversion_leaves_nothing_that_loads(tmp_path, monkeypatch):
+    import nanoabsorber.gguf_convert as gc
+    import nanoabsorber.tokenizer as tk
+
+    m = tiny()
+    write_gguf(m, tmp_path / "m.gguf")
+
+    class FakeTok:
+        special_tokens, bos_id, eos_id, pad_id, add_bos, chat_template = {}, None, None, None, False, None
+
+        def save_tokenizer_json(self, path):
+            Path(path).write_text("{}")
+
+    monkeypatch.setattr(tk.ByteBPETokenizer, "from_gguf", classmethod(lambda cls, r: FakeTok()))
+
+    def boom(*a, **kw):
+        raise KeyboardInterrupt  # as if the user pressed Ctrl-C while the weights were written
+
+    monkeypatch.setattr(gc, "atomic_save_file", boom)
+    out = tmp_path / "cache" / "converted"
+    with pytest.raises(KeyboardInterrupt):
+        gc.convert_gguf_to_dir(tmp_path / "m.gguf", out, log=lambda s: None)
+    assert not out.exists() and list((tmp_path / "cache").iterdir()) == []
+    monkeypatch.undo()
+    monkeypatch.setattr(tk.ByteBPETokenizer, "from_gguf", classmethod(lambda cls, r: FakeTok()))
+    gc.convert_gguf_to_dir(tmp_path / "m.gguf", out, log=lambda s: None)
+    same_logits(m, load_model(out)[0], atol=1e-6)

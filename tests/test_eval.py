@@ -93,6 +93,18 @@ def test_recovered_fraction_and_buckets():
     assert means == [1.0, 2.0] and starts == [0, 1]
 
 
+def test_lm_summary_and_nll_by_position_by_hand():
+    per_token = {"full": [torch.tensor([1.0, 1.0, 1.0, 1.0])], "none": [torch.tensor([3.0, 3.0, 3.0, 3.0])],
+                 "absorber": [torch.tensor([1.0, 2.0, 3.0, 2.0])]}
+    segments = [{"methods": {"absorber": {"kl": 0.5, "absorb": {"seconds": 2.0, "tokens": 500}}}}]
+    s = ev.lm_summary(segments, per_token, [ev.METHODS["absorber"]])["absorber"]
+    assert s["nll"] == 2.0 and s["ppl"] == pytest.approx(math.exp(2.0)) and s["kl"] == 0.5
+    assert s["recovered"] == pytest.approx(0.5) and s["absorb_seconds_per_1k_tokens"] == pytest.approx(4.0)
+    pos = ev.nll_by_position({"absorber": per_token["absorber"] + [torch.tensor([3.0, 4.0, 1.0, 0.0])]}, 2)
+    assert pos["nll"]["absorber"] == [2.5, 1.5]          # segment means [2, 3, 2, 1], then pairs
+    assert pos["bucket_starts"] == [1, 3] and pos["bucket_centers"] == [1.5, 3.5]
+
+
 def test_uniform_model_has_nll_log_vocab_and_zero_kl():
     m = tiny(vocab=97)
     with torch.no_grad():
@@ -329,12 +341,14 @@ def test_eval_cost_as_a_program(tiny_ckpt, tmp_path):
 def test_eval_only_lm_on_a_document(tiny_ckpt, tmp_path, capsys):
     doc = tmp_path / "book.txt"
     doc.write_text(ev.make_story(7, 600))
-    code, _, err = _main(["--ckpt", str(tiny_ckpt), "--only", "lm", "--methods", "full,none,window,absorber",
+    code, _, err = _main(["--ckpt", str(tiny_ckpt), "--only", "lm", "--methods", "window,absorber",
                           "--out", str(tmp_path / "o"), "--docs", str(doc), *SMALL], capsys)
     assert code == 0, err[-2000:]
     res = json.loads((tmp_path / "o" / "results.json").read_text())
     assert "facts" not in res and "cost" not in res
-    assert list(res["lm"]["summary"]) == ["full", "none", "window", "absorber"]
+    lm = res["lm"]["summary"]
+    assert list(lm) == ["window", "absorber"] and list(res["lm"]["position"]["nll"]) == ["window", "absorber"]
+    assert all(isinstance(lm[n]["recovered"], float) for n in lm)   # references measured even if not selected
     assert res["lm"]["documents"] == [{"name": "book.txt", "segments": 2}]   # full preset: 2 per document
 
 
