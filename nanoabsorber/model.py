@@ -245,10 +245,11 @@ class Llama(nn.Module):
         tab = self._rope_cache.get(key)
         if tab is None or tab[0].shape[0] < start + T:
             n = max(start + T, 2 * (tab[0].shape[0] if tab else 0), 256)
-            pos = torch.arange(n, dtype=torch.float32)
-            freqs = torch.outer(pos, self.inv_freq)                       # (n, D/2)
-            emb = torch.cat((freqs, freqs), dim=-1)                       # (n, D)
-            tab = (emb.cos().to(device, dtype), emb.sin().to(device, dtype))
+            with torch.inference_mode(False), torch.no_grad():  # a normal tensor even if built under inference_mode
+                pos = torch.arange(n, dtype=torch.float32)
+                freqs = torch.outer(pos, self.inv_freq)                   # (n, D/2)
+                emb = torch.cat((freqs, freqs), dim=-1)                   # (n, D)
+                tab = (emb.cos().to(device, dtype), emb.sin().to(device, dtype))
             self._rope_cache[key] = tab
         return tab[0][start:start + T], tab[1][start:start + T]
 

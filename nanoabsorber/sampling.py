@@ -25,7 +25,7 @@ def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_k: Optional[
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
-@torch.inference_mode()
+@torch.no_grad()
 def generate(model: Llama, prompt_ids: list[int], max_new_tokens: int, temperature: float = 0.0,
              top_k: Optional[int] = None, top_p: Optional[float] = None, stop_ids=(),
              generator: Optional[torch.Generator] = None, prefill_chunk: int = 512) -> Iterator[int]:

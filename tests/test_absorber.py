@@ -188,3 +188,16 @@ def test_absorb_cli_rejects_bad_context(tmp_path, content, match):
     err = [line for line in r.stderr.splitlines() if line.startswith("error:")]
     assert len(err) == 1 and str(f) in err[0] and match in err[0] and "Traceback" not in r.stderr
     assert not out.exists() and not list(tmp_path.glob("*.tmp"))
+
+
+def test_absorbing_after_generating_in_the_same_process():
+    """Generation (no-grad, cached RoPE tables) followed by absorption must not leak
+    inference-mode tensors into autograd (absorb.py asks questions before absorbing)."""
+    from nanoabsorber.sampling import generate
+
+    m = lora_model()
+    with torch.inference_mode():
+        list(generate(m, [1, 2, 3], 4))
+    list(generate(m, [1, 2, 3], 4))
+    res = absorb_chunk(m, [([], ids(20, 1), [ids(10, 2)])], AbsorbConfig(steps=2, lr=1e-2))
+    assert res.steps == 2
