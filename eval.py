@@ -54,9 +54,9 @@ PRESETS = {
     "full": dict(context=2048, eval_len=512, window=256, lm_segments=2, steps=D.steps, batch_tokens=D.batch_tokens,
                  fact_lengths="256,512,1024", facts_per_doc=6, fact_docs=2, cost_lengths="1024,2048,4096,8192",
                  cost_tokens=1024, cost_steps=D.steps, decode_tokens=32, answer_tokens=32),
-    "quick": dict(context=1024, eval_len=256, window=128, lm_segments=1, steps=10, batch_tokens=D.batch_tokens or 256,
+    "quick": dict(context=1024, eval_len=256, window=128, lm_segments=1, steps=10, batch_tokens=128,
                   fact_lengths="128,256,512", facts_per_doc=3, fact_docs=1, cost_lengths="1024,2048,4096",
-                  cost_tokens=512, cost_steps=2, decode_tokens=16, answer_tokens=24),
+                  cost_tokens=256, cost_steps=2, decode_tokens=16, answer_tokens=16),
 }
 
 
@@ -65,36 +65,45 @@ def parse_args(argv=None):
     add_model_args(p)
     p.add_argument("--quick", action="store_true", help="small sizes and few steps: under 10 minutes on 2 CPU cores")
     p.add_argument("--only", default=None,
-                   help="comma list of sections to run: lm,facts,tasks,cost (default: all; tasks when --tasks is given)")
+                   help="comma list of sections to run: lm,facts,tasks,cost "
+                        "(default: all; tasks when --tasks is given)")
     p.add_argument("--methods", default=",".join(ev.METHODS), help="comma list of methods: " + ",".join(ev.METHODS))
     p.add_argument("--out", default="eval_out", help="output folder for results.json, results.md and the plots")
     p.add_argument("--docs", nargs="+", default=None,
                    help="long UTF-8 text files for the lm section (default: a generated story)")
-    p.add_argument("--tasks", default=None, help='JSONL file of {"context", "question", "answer"} for the tasks section')
+    p.add_argument("--tasks", default=None,
+                   help='JSONL file of {"context", "question", "answer"} for the tasks section')
     p.add_argument("--tasks-limit", type=int, default=0, help="use only the first N tasks (0 = all)")
     p.add_argument("--context", type=int, default=None, help="lm: context tokens C before the evaluated span")
-    p.add_argument("--eval-len", type=int, default=None, help="lm: evaluated tokens E after the context (never trained on)")
-    p.add_argument("--window", type=int, default=None, help="W: tokens kept in the attention window by window/absorbed methods")
+    p.add_argument("--eval-len", type=int, default=None,
+                   help="lm: evaluated tokens E after the context (never trained on)")
+    p.add_argument("--window", type=int, default=None,
+                   help="W: tokens kept in the attention window by the window and absorbing methods")
     p.add_argument("--lm-segments", type=int, default=None, help="lm: segments (C + E tokens) per document")
     p.add_argument("--buckets", type=int, default=8, help="lm: position buckets for NLL vs position")
     p.add_argument("--fact-lengths", default=None, help="facts: document lengths in tokens, comma list")
-    p.add_argument("--facts-per-doc", type=int, default=None, help="facts: facts per document (beginning/middle/end in turn)")
+    p.add_argument("--facts-per-doc", type=int, default=None,
+                   help="facts: facts per document (beginning/middle/end in turn)")
     p.add_argument("--fact-docs", type=int, default=None, help="facts: documents per length")
     p.add_argument("--answer-tokens", type=int, default=None, help="max tokens of a generated answer")
-    p.add_argument("--cost-lengths", default=None, help="cost: context lengths for inference memory/latency, comma list")
+    p.add_argument("--cost-lengths", default=None,
+                   help="cost: context lengths for inference memory/latency, comma list")
     p.add_argument("--cost-tokens", type=int, default=None, help="cost: tokens absorbed for the absorption measurement")
     p.add_argument("--cost-steps", type=int, default=None, help="cost: optimizer steps for the absorption measurement")
     p.add_argument("--decode-tokens", type=int, default=None, help="cost: tokens decoded per latency measurement")
     p.add_argument("--rank", type=int, default=16, help="LoRA rank")
     p.add_argument("--alpha", type=float, default=32.0, help="LoRA alpha (scale = alpha / rank)")
     p.add_argument("--targets", default="all", help="LoRA targets: comma list of q,k,v,o,gate,up,down or 'all'")
-    p.add_argument("--steps", type=int, default=None, help=f"optimizer steps per absorbed window (full default {D.steps})")
+    p.add_argument("--steps", type=int, default=None,
+                   help=f"optimizer steps per absorbed window (default {D.steps}, --quick 10)")
     p.add_argument("--lr", type=float, default=D.lr, help="AdamW learning rate")
     p.add_argument("--chunk", type=int, default=D.chunk, help="n: tokens absorbed per window")
     p.add_argument("--sync-len", type=int, default=D.sync_len, help="m: following tokens used as Y per window")
-    p.add_argument("--gen-tokens", type=int, default=D.gen_tokens, help="teacher-generated Y tokens at the end of a text (QA sections)")
+    p.add_argument("--gen-tokens", type=int, default=D.gen_tokens,
+                   help="teacher-generated Y tokens at the end of a text (QA sections)")
     p.add_argument("--batch-tokens", type=int, default=None, help="Y tokens per optimizer step (0 = all)")
-    p.add_argument("--probes", default="recite,entity", help="chat probes for sync methods in the QA sections ('' for none)")
+    p.add_argument("--probes", default="recite,entity",
+                   help="chat probes for sync methods in the QA sections ('' for none)")
     p.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1), help="CPU threads for torch")
     p.add_argument("--seed", type=int, default=0, help="seed of the LoRA init and of the generated documents")
     args = p.parse_args(argv)
@@ -163,7 +172,8 @@ def run_lm(model, tok, args, methods, base_cfg) -> dict:
             say(f"[lm] {name} segment {si + 1}/{len(segs)}: context {C}, window {W}, evaluated {len(target)} tokens")
             reset_lora(model, args.seed)
             # the two references of the recovered fraction are always measured, selected or not
-            refs = {"full": ev.lm_logprobs(model, prefix, ctx, target), "none": ev.lm_logprobs(model, prefix, [], target)}
+            refs = {"full": ev.lm_logprobs(model, prefix, ctx, target),
+                    "none": ev.lm_logprobs(model, prefix, [], target)}
             for ref, logp in refs.items():
                 per_token.setdefault(ref, []).append(ev.token_nlls(logp, target))
             row = {"document": name, "segment": si, "methods": {}}
@@ -213,7 +223,8 @@ def answer_all(model, tok, items: list, methods, base_cfg, args, tag: str) -> li
             if m.kind == "absorb":
                 cfg = ev.method_config(base_cfg, m)
                 t0 = time.time()
-                res = absorb_text(model, tok, ctx, cfg, probes=args.probes, log=step_logger(f"[{tag}] {m.name}", cfg.steps))
+                log = step_logger(f"[{tag}] {m.name}", cfg.steps)
+                res = absorb_text(model, tok, ctx, cfg, probes=args.probes, log=log)
                 absorbed = {"tokens": len(ctx_ids), "steps": sum(r.steps for r in res), "seconds": time.time() - t0}
             doc = {"full": ctx, "window": window_text}.get(m.kind)
             for q in item["questions"]:
@@ -301,7 +312,8 @@ def run_cost(model, tok, args, methods, base_cfg) -> dict:
         r = ev.run_isolated({"kind": "absorb", **common, "cfg": asdict(cfg), "text": text, "probes": args.probes})
         absorb_rows.append({"method": m.name, "label": m.label, **r})
         say(f"[cost]   {r['seconds']:.1f}s ({r['seconds_per_1k_tokens']:.1f}s per 1k tokens), peak "
-            f"{ev.mib(r['memory_peak_bytes']):.0f} MiB, +{ev.mib(r['memory_extra_bytes']):.0f} MiB over the loaded model")
+            f"{ev.mib(r['memory_peak_bytes']):.0f} MiB, +{ev.mib(r['memory_extra_bytes']):.0f} MiB over the "
+            f"loaded model")
     limit = model.cfg.max_seq_len - args.decode_tokens
     lengths = sorted({min(L, limit) for L in args.cost_lengths})
     if max(args.cost_lengths) > limit:
@@ -320,7 +332,8 @@ def run_cost(model, tok, args, methods, base_cfg) -> dict:
             r = ev.run_isolated({"kind": "inference", **common, "mode": mode, "ids": ids[:L], "window": window,
                                  "decode_tokens": args.decode_tokens})
             infer_rows.append({"context_tokens": L, "mode": mode, **r})
-            say(f"[cost]   KV cache {ev.mib(r['kv_cache_bytes']):.1f} MiB, peak +{ev.mib(r['memory_extra_bytes']):.0f} MiB, "
+            say(f"[cost]   KV cache {ev.mib(r['kv_cache_bytes']):.1f} MiB, "
+                f"peak +{ev.mib(r['memory_extra_bytes']):.0f} MiB, "
                 f"prefill {r['prefill_seconds']:.2f}s, decode {r['decode_ms_per_token']:.1f} ms/token")
     return {"absorb": absorb_rows, "inference": infer_rows, "notes": notes,
             "absorb_text_tokens": args.cost_tokens, "window": args.window}
@@ -343,7 +356,8 @@ def markdown(res: dict, args, plots: dict) -> str:
                f"({env['machine']}), torch {env['torch']}, python {env['python']}, commit "
                f"{(env['git_commit'] or 'unknown')[:10]}{' (dirty)' if env['git_dirty'] else ''}. "
                f"LoRA rank {args.rank}, alpha {args.alpha:g}, targets {args.targets}; {args.steps} optimizer steps per "
-               f"absorbed window, lr {args.lr:g}, window W = {args.window} tokens.\n")
+               f"absorbed window (n = {args.chunk}, m = {args.sync_len}), lr {args.lr:g}, "
+               f"{args.batch_tokens or 'all'} Y tokens per step, window W = {args.window} tokens.\n")
     if "lm" in res:
         lm = res["lm"]
         docs = ", ".join(f"{d['name']} ({d['segments']} segment(s))" for d in lm["documents"])
@@ -362,7 +376,8 @@ def markdown(res: dict, args, plots: dict) -> str:
         n_q = len({(r['item'], r['question']) for r in res['facts']['rows']})
         out.append(f"### Fact recall\n\n{len(res['facts']['documents'])} generated document(s), {n_q} questions; "
                    f"absorbing methods answer with no document in the prompt. lenient = answer contained, strict = "
-                   f"first line equals the answer (normalised), F1 = SQuAD token F1; per length and position: lenient.\n")
+                   f"first line equals the answer (normalised), F1 = SQuAD token F1; per length and position: "
+                   f"lenient.\n")
         rows = [[s["label"], f(s["lenient"], ".2f"), f(s["strict"], ".2f"), f(s["f1"], ".2f")]
                 + [f(s["by_length"].get(x), ".2f") for x in lengths]
                 + [f(s["by_position"].get(p), ".2f") for p in ev.POSITIONS]
@@ -416,12 +431,12 @@ def main(argv=None):
     t_start = time.time()
     model, tok = load(args.ckpt, device=args.device, dtype=DTYPES[args.dtype])
     model.eval()
-    ev.warm_rope_cache(model)
     apply_lora(model, args.targets, args.rank, args.alpha)
     base_cfg = replace(D, steps=args.steps, lr=args.lr, chunk=args.chunk, sync_len=args.sync_len,
                        gen_tokens=args.gen_tokens, batch_tokens=args.batch_tokens, seed=args.seed)
     n_params = sum(p.numel() for n, p in model.named_parameters() if "lora_" not in n)
-    say(f"loaded {args.ckpt or 'the default model'} ({n_params / 1e6:.0f}M parameters) in {time.time() - t_start:.1f}s; "
+    say(f"loaded {args.ckpt or 'the default model'} ({n_params / 1e6:.0f}M parameters) in "
+        f"{time.time() - t_start:.1f}s; "
         f"sections: {','.join(args.only)}; methods: {','.join(m.name for m in methods)}")
     res = {"command": "python " + " ".join(["eval.py"] + (argv if argv is not None else sys.argv[1:])),
            "config": {k: v for k, v in vars(args).items() if k not in ("task_items", "doc_texts")},

@@ -75,16 +75,6 @@ def method_config(base: AbsorbConfig, m: Method) -> AbsorbConfig:
     return replace(base, **m.overrides)
 
 
-def warm_rope_cache(model) -> None:
-    """Build the model's RoPE tables for its whole context now, outside inference mode.
-    Workaround: Llama.rope caches its tables lazily, and a table first built inside
-    torch.inference_mode (sampling.generate) is an inference tensor that autograd then refuses
-    ("Inference tensors cannot be saved for backward") when absorbing after answering."""
-    p = model.embed.weight
-    with torch.no_grad():
-        model.rope(0, model.cfg.max_seq_len, p.device, p.dtype)
-
-
 def parse_ints(spec: str, flag: str) -> list[int]:
     try:
         vals = [int(s) for s in str(spec).split(",") if s.strip()]
@@ -602,7 +592,11 @@ def _setup_worker(spec: dict):
     torch.set_num_threads(spec["threads"])
     set_attention_impl(spec.get("attn", "auto"))
     model, tok = load(spec["ckpt"], device=spec["device"], dtype=spec["dtype"])
-    warm_rope_cache(model)
+    # a short forward first: it pages in every weight (loads may be memory-mapped, and untouched
+    # pages are not resident yet) and initialises the math libraries, so that neither is
+    # counted as memory or time of the measured work
+    with torch.no_grad():
+        model(torch.zeros((1, 8), dtype=torch.long, device=model.embed.weight.device))
     return model, tok
 
 
@@ -679,15 +673,16 @@ def worker_main() -> None:
 def run_isolated(spec: dict, timeout: Optional[float] = None) -> dict:
     """Run one measurement in a fresh Python process (same interpreter and package) and return
     its result; RuntimeError with the worker's last error line on failure."""
-    env = dict(os.environ, NANOABSORBER_QUIET="1",
-               PYTHONPATH=os.pathsep.join([str(ROOT)] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else [])))
+    paths = [str(ROOT)] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else [])
+    env = dict(os.environ, NANOABSORBER_QUIET="1", PYTHONPATH=os.pathsep.join(paths))
     cmd = [sys.executable, "-c", "from nanoabsorber.evaluation import worker_main; worker_main()"]
     p = subprocess.run(cmd, input=json.dumps(spec), capture_output=True, text=True, env=env, timeout=timeout)
     for line in reversed(p.stdout.splitlines()):
         if line.startswith("@@result "):
             return json.loads(line[len("@@result "):])
     err = [ln for ln in p.stderr.strip().splitlines() if ln.strip()]
-    raise RuntimeError(f"measurement process ({spec['kind']}) failed: {err[-1] if err else 'exit ' + str(p.returncode)}")
+    why = err[-1] if err else f"exit status {p.returncode}"
+    raise RuntimeError(f"measurement process ({spec['kind']}) failed: {why}")
 
 
 # ------------------------------------------------------------------------------------------
@@ -875,9 +870,14 @@ def plot_cost(rows: list[dict], title: str, path) -> Path:
         a.plot(xs, [mib(r["kv_cache_bytes"]) for r in pts], color=color, linestyle="--", marker=".",
                label=f"{label}: KV cache")
         b.plot(xs, [r["decode_ms_per_token"] for r in pts], color=color, marker="o", label=label)
+    xs = sorted({r["context_tokens"] for r in rows})
     for ax in (a, b):
         ax.set_xscale("log", base=2)
+        ax.set_xticks(xs)
+        ax.set_xticklabels([str(x) for x in xs])
+        ax.minorticks_off()
         ax.set_xlabel("context length (tokens)")
+        ax.set_ylim(bottom=0)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     a.set_ylabel("MiB over the loaded model")

@@ -57,7 +57,7 @@ def test_absorb_cli_short_run_saves_a_loadable_adapter(tmp_path):
     ctx.write_text("Mira Okafor keeps bees on the roof of the Halvard Library. She has 14 hives.\n")
     out = tmp_path / "note.safetensors"
     r = subprocess.run([sys.executable, str(ROOT / "absorb.py"), "--context", str(ctx), "--out", str(out),
-                        "--steps", "4", "--lr", "3e-3", "--gen-tokens", "32"],
+                        "--steps", "3", "--lr", "3e-3", "--probes", "recite"],
                        capture_output=True, text=True, cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert "shorter than one window" in r.stderr
