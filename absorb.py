@@ -14,7 +14,6 @@ with m following tokens as Y). For chat models, Y also holds probe conversations
 import argparse
 import hashlib
 import json
-import math
 import sys
 import time
 from pathlib import Path

@@ -16,7 +16,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from nanoabsorber import load  # noqa: E402
 from nanoabsorber.absorber import AbsorbConfig, absorb_chunk, sample_continuations  # noqa: E402
-from nanoabsorber.lora import apply_lora, lora_modules, reset_lora  # noqa: E402
+from nanoabsorber.lora import apply_lora, reset_lora  # noqa: E402
 from nanoabsorber.probes import GENERIC, answer, chat_probe_ids, is_correct, make_probes  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[1] / "nanoabsorber" / "assets"

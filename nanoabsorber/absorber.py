@@ -366,16 +366,17 @@ def absorb_text(model, tok, text: str, cfg: AbsorbConfig, probes: str = "recite,
     bad = kinds - {"recite", "entity", "cloze"}
     if bad:
         raise ValueError(f"unknown probe kind(s) {sorted(bad)}; use recite, entity, cloze")
-    extra = None
-    if kinds and tok.chat_format and cfg.objective == "sync":
-        def extra(ci, x):
-            chunk_text = tok.decode(x)
-            pr = make_probes(chunk_text, kinds)
-            if not pr:
-                return []
-            p, xc, ys, _ = chat_probe_ids(tok, chunk_text, pr)
-            return [(p, xc, ys)]
-    return absorb_stream(model, ids, cfg, prefix, tok.stop_ids, log, extra)
+
+    def chat_probes(ci, x):
+        chunk_text = tok.decode(x)
+        pr = make_probes(chunk_text, kinds)
+        if not pr:
+            return []
+        p, xc, ys, _ = chat_probe_ids(tok, chunk_text, pr)
+        return [(p, xc, ys)]
+
+    use_probes = kinds and tok.chat_format and cfg.objective == "sync"
+    return absorb_stream(model, ids, cfg, prefix, tok.stop_ids, log, chat_probes if use_probes else None)
 
 
 def config_dict(cfg: AbsorbConfig) -> dict:

@@ -25,7 +25,8 @@ def set_attention_impl(impl: str) -> None:
     _IMPL = impl
 
 
-def _say_once(msg: str) -> None:
+def say_once(msg: str) -> None:
+    """Print '[nanoabsorber] msg' to stderr the first time only (silenced by NANOABSORBER_QUIET)."""
     if msg not in _SAID and not os.environ.get("NANOABSORBER_QUIET"):
         print(f"[nanoabsorber] {msg}", file=sys.stderr)
     _SAID.add(msg)
@@ -52,7 +53,7 @@ def attention(q, k, v, causal=True, impl=None):
     if impl == "triton":
         from kernels.flash_attention import flash_attention
 
-        _say_once(f"attention: Triton flash attention on {q.device.type}")
+        say_once(f"attention: Triton flash attention on {q.device.type}")
         return flash_attention(q, k, v, causal=causal)
-    _say_once(f"attention: torch SDPA on {q.device.type}")
+    say_once(f"attention: torch SDPA on {q.device.type}")
     return attention_sdpa(q, k, v, causal=causal)

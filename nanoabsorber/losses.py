@@ -13,13 +13,13 @@ The path taken is printed once to stderr as "[nanoabsorber] ...", unless NANOABS
 The math of every loss is documented in kernels/sync_distance.py and kernels/fused_linear_kl.py.
 """
 import os
-import sys
 
 import torch
 
+from .attention import say_once as _say_once
+
 _IMPLS = ("auto", "torch", "triton")
 _IMPL = os.environ.get("NANOABSORBER_LOSS", "auto")
-_SAID = set()
 
 
 def set_loss_impl(impl: str) -> None:
@@ -28,12 +28,6 @@ def set_loss_impl(impl: str) -> None:
     if impl not in _IMPLS:
         raise ValueError(f"loss impl must be one of {_IMPLS}, not {impl!r}")
     _IMPL = impl
-
-
-def _say_once(msg: str) -> None:
-    if msg not in _SAID and not os.environ.get("NANOABSORBER_QUIET"):
-        print(f"[nanoabsorber] {msg}", file=sys.stderr)
-    _SAID.add(msg)
 
 
 def _resolve(impl: str | None, x: torch.Tensor) -> str:

@@ -255,7 +255,9 @@ def test_set_loss_impl_and_validation(monkeypatch):
 
 def test_dispatch_prints_once(monkeypatch, capsys):
     monkeypatch.delenv("NANOABSORBER_QUIET", raising=False)
-    monkeypatch.setattr(losses, "_SAID", set())
+    import nanoabsorber.attention as attention
+
+    monkeypatch.setattr(attention, "_SAID", set())
     S = torch.randn(2, 5, 16)
     hidden_sync_loss(S, S + 1, impl="torch")
     hidden_sync_loss(S, S + 1, impl="torch")
