@@ -55,7 +55,7 @@ PRESETS = {
                  fact_lengths="256,512,1024", facts_per_doc=6, fact_docs=2, cost_lengths="1024,2048,4096,8192",
                  cost_tokens=1024, cost_steps=D.steps, decode_tokens=32, answer_tokens=32),
     "quick": dict(context=1024, eval_len=256, window=128, lm_segments=1, steps=10, batch_tokens=128,
-                  fact_lengths="128,256,512", facts_per_doc=3, fact_docs=1, cost_lengths="1024,2048,4096",
+                  fact_lengths="128,512", facts_per_doc=3, fact_docs=1, cost_lengths="1024,2048,4096",
                   cost_tokens=256, cost_steps=2, decode_tokens=16, answer_tokens=16),
 }
 
@@ -351,8 +351,8 @@ def markdown(res: dict, args, plots: dict) -> str:
     f = ev.fmt
     env, out = res["environment"], []
     out.append("## Results\n")
-    out.append(f"`{res['command']}` on {env['date']}: {res['model']['name']} ({res['model']['params_m']:.0f}M "
-               f"parameters), {env['device']}, {env['torch_threads']} torch thread(s) on {env['cpu_count']} CPU(s) "
+    out.append(f"`{res['command']}` on {env['date']}: {res['model']['name']}, {res['model']['params_m']:.0f}M "
+               f"parameters, {env['device']}, {env['torch_threads']} torch thread(s) on {env['cpu_count']} CPU(s) "
                f"({env['machine']}), torch {env['torch']}, python {env['python']}, commit "
                f"{(env['git_commit'] or 'unknown')[:10]}{' (dirty)' if env['git_dirty'] else ''}. "
                f"LoRA rank {args.rank}, alpha {args.alpha:g}, targets {args.targets}; {args.steps} optimizer steps per "
@@ -441,7 +441,7 @@ def main(argv=None):
     res = {"command": "python " + " ".join(["eval.py"] + (argv if argv is not None else sys.argv[1:])),
            "config": {k: v for k, v in vars(args).items() if k not in ("task_items", "doc_texts")},
            "absorb_config": {m.name: asdict(ev.method_config(base_cfg, m)) for m in methods if m.kind == "absorb"},
-           "model": {"name": args.ckpt or "SmolLM2-135M-Instruct (default)", "params_m": n_params / 1e6,
+           "model": {"name": args.ckpt or "SmolLM2-135M-Instruct (default model)", "params_m": n_params / 1e6,
                      "config": model.cfg.to_dict()},
            "environment": ev.environment(args.device, args.threads), "timings": {}}
     sections = {"lm": run_lm, "facts": run_facts, "tasks": run_tasks, "cost": run_cost}
