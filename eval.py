@@ -56,7 +56,7 @@ PRESETS = {
                  cost_tokens=1024, cost_steps=D.steps, decode_tokens=32, answer_tokens=32),
     "quick": dict(context=1024, eval_len=256, window=128, lm_segments=1, steps=10, batch_tokens=128,
                   fact_lengths="128,512", facts_per_doc=3, fact_docs=1, cost_lengths="1024,2048,4096",
-                  cost_tokens=256, cost_steps=2, decode_tokens=16, answer_tokens=16),
+                  cost_tokens=256, cost_steps=1, decode_tokens=32, answer_tokens=16),
 }
 
 
@@ -334,7 +334,7 @@ def run_cost(model, tok, args, methods, base_cfg) -> dict:
             infer_rows.append({"context_tokens": L, "mode": mode, **r})
             say(f"[cost]   KV cache {ev.mib(r['kv_cache_bytes']):.1f} MiB, "
                 f"peak +{ev.mib(r['memory_extra_bytes']):.0f} MiB, "
-                f"prefill {r['prefill_seconds']:.2f}s, decode {r['decode_ms_per_token']:.1f} ms/token")
+                f"prefill {r['prefill_seconds']:.2f}s, decode {r['decode_ms_per_token_median']:.1f} ms/token (median)")
     return {"absorb": absorb_rows, "inference": infer_rows, "notes": notes,
             "absorb_text_tokens": args.cost_tokens, "window": args.window}
 
@@ -399,16 +399,20 @@ def markdown(res: dict, args, plots: dict) -> str:
             rows = [[r["label"], r["tokens"], r["steps"], f(r["seconds"], ".1f"), f(r["seconds_per_1k_tokens"], ".1f"),
                      f(r["seconds_per_step"], ".2f"), f(ev.mib(r["memory_peak_bytes"]), ".0f"),
                      f(ev.mib(r["memory_extra_bytes"]), ".0f")] for r in c["absorb"]]
-            out.append("Absorption (fresh process each; memory: " + c["absorb"][0]["memory_kind"] + "):\n")
+            out.append(f"Absorption of a {c['absorb_text_tokens']}-token text as absorb.py does it (probes "
+                       f"{args.probes or 'none'}), each method in a fresh process. Wall time includes building the "
+                       f"probes, the teacher pass, the teacher-generated Y and a final loss pass, so s / step "
+                       f"overstates the marginal cost of a step; memory is the {c['absorb'][0]['memory_kind']}, "
+                       f"extra = above the loaded model:\n")
             out.append(ev.markdown_table(["method", "tokens", "steps", "wall s", "s / 1k tok", "s / step",
                                           "peak MiB", "extra MiB"], rows) + "\n")
         rows = [[r["context_tokens"], r["mode"], r["tokens_in_window"], f(ev.mib(r["kv_cache_bytes"]), ".1f"),
                  f(ev.mib(r["memory_extra_bytes"]), ".0f"), f(r["prefill_seconds"], ".2f"),
-                 f(r["decode_ms_per_token"], ".1f")] for r in c["inference"]]
+                 f(r["decode_ms_per_token_median"], ".1f")] for r in c["inference"]]
         out.append(f"Inference: decode {args.decode_tokens} tokens greedily after the context; full = KV cache of "
                    f"the whole context, absorbed = last W tokens + merged adapter:\n")
         out.append(ev.markdown_table(["context", "mode", "tokens in KV", "KV cache MiB", "peak extra MiB",
-                                      "prefill s", "decode ms / tok"], rows))
+                                      "prefill s", "decode ms / tok (median)"], rows))
         for n in c["notes"]:
             out.append(f"\nNote: {n}")
         if "cost" in plots:

@@ -795,10 +795,16 @@ def plot_lm(position: dict, summary: dict, title: str, path) -> Path:
     a.set_ylabel("NLL (nats / token)")
     a.set_title("NLL on unseen text vs position")
     a.grid(alpha=0.3)
-    a.legend(fontsize=8)
     names = [n for n in summary if METHODS[n].kind != "full"]
     vals = [summary[n]["recovered"] if summary[n]["recovered"] is not None else math.nan for n in names]
-    b.bar(range(len(names)), vals, color=[STYLE.get(n, ("C0",))[0] for n in names])
+    lo = max(-1.0, min([v for v in vals if math.isfinite(v)] + [0.0]) - 0.1)    # clip far-negative bars
+    bars = b.bar(range(len(names)), [max(v, lo) for v in vals], color=[STYLE.get(n, ("C0",))[0] for n in names])
+    for bar, v in zip(bars, vals):
+        if math.isfinite(v):
+            y = max(v, lo)
+            b.annotate(f"{v:.2f}" + (" (off scale)" if v < lo else ""), (bar.get_x() + bar.get_width() / 2, y),
+                       xytext=(0, 3 if y >= 0 else -10), textcoords="offset points", ha="center", fontsize=7)
+    b.set_ylim(lo, 1.15)
     b.axhline(1.0, color="black", linewidth=1, linestyle="--")
     b.axhline(0.0, color="grey", linewidth=1)
     b.set_xticks(range(len(names)))
@@ -806,10 +812,17 @@ def plot_lm(position: dict, summary: dict, title: str, path) -> Path:
     b.set_ylabel("context effect recovered\n(NLL_none - NLL) / (NLL_none - NLL_full)")
     b.set_title("Recovered fraction (1 = full context)")
     fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    _legend_below(fig, a)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return Path(path)
+
+
+def _legend_below(fig, ax) -> None:
+    """One legend for the figure, in a row under the panels (never over the data)."""
+    handles, labels = ax.get_legend_handles_labels()
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
+    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 7), fontsize=8, frameon=False)
 
 
 def plot_facts(by_length: dict, by_position: dict, title: str, path) -> Path:
@@ -834,7 +847,6 @@ def plot_facts(by_length: dict, by_position: dict, title: str, path) -> Path:
     a.set_ylim(-0.05, 1.05)
     a.set_title("Fact recall vs document length")
     a.grid(alpha=0.3)
-    a.legend(fontsize=8)
     names = list(by_position)
     width = 0.8 / max(1, len(names))
     for i, name in enumerate(names):
@@ -847,10 +859,9 @@ def plot_facts(by_length: dict, by_position: dict, title: str, path) -> Path:
     b.set_ylabel("accuracy (answer contained)")
     b.set_ylim(0, 1.05)
     b.set_title("Fact recall vs position")
-    b.legend(fontsize=7)
     fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    _legend_below(fig, a)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return Path(path)
 
@@ -869,7 +880,7 @@ def plot_cost(rows: list[dict], title: str, path) -> Path:
         a.plot(xs, [mib(r["memory_extra_bytes"]) for r in pts], color=color, marker="o", label=f"{label}: peak extra")
         a.plot(xs, [mib(r["kv_cache_bytes"]) for r in pts], color=color, linestyle="--", marker=".",
                label=f"{label}: KV cache")
-        b.plot(xs, [r["decode_ms_per_token"] for r in pts], color=color, marker="o", label=label)
+        b.plot(xs, [r["decode_ms_per_token_median"] for r in pts], color=color, marker="o", label=label)
     xs = sorted({r["context_tokens"] for r in rows})
     for ax in (a, b):
         ax.set_xscale("log", base=2)
@@ -882,10 +893,10 @@ def plot_cost(rows: list[dict], title: str, path) -> Path:
         ax.legend(fontsize=8)
     a.set_ylabel("MiB over the loaded model")
     a.set_title("Inference memory (measured peak, and KV-cache bytes)")
-    b.set_ylabel("decode latency (ms / token)")
+    b.set_ylabel("decode latency (ms / token, median)")
     b.set_title("Per-token decode latency")
     fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return Path(path)
