@@ -26,6 +26,7 @@ def main():
     p.add_argument("--sync-len", type=int, default=512, help="m: Y tokens")
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--lr", type=float, default=ab.AbsorbConfig.lr)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--text", default=None, help="text file (default: the demo document repeated)")
     args = p.parse_args()
@@ -50,9 +51,10 @@ def main():
 
     ab.teacher_targets = counted
     stamps = []
-    cfg = ab.AbsorbConfig(steps=args.steps, chunk=args.tokens, sync_len=args.sync_len, gen_tokens=0)
+    cfg = ab.AbsorbConfig(steps=args.steps, lr=args.lr, chunk=args.tokens, sync_len=args.sync_len, gen_tokens=0)
     t0 = time.perf_counter()
-    res = ab.absorb_stream(model, ids[:need], cfg, log=lambda d: stamps.append(time.perf_counter()))
+    x, y = ids[:args.tokens], ids[args.tokens:need]          # one window of Algorithm 2
+    res = [ab.absorb_chunk(model, [([], x, [y])], cfg, log=lambda d: stamps.append(time.perf_counter()))]
     total = time.perf_counter() - t0
     per_step = (stamps[-1] - stamps[0]) / (len(stamps) - 1) if len(stamps) > 1 else float("nan")
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 ** 2
