@@ -307,7 +307,8 @@ def run_cost(model, tok, args, methods, base_cfg) -> dict:
     absorb_rows = []
     text = tok.decode(cost_text_ids(args, tok, args.cost_tokens))
     for m in [m for m in methods if m.kind == "absorb"]:
-        cfg = replace(ev.method_config(base_cfg, m), steps=args.cost_steps)
+        # the recipe's own Y batch (absorb.py's), so that the peak is the same at every step
+        cfg = replace(ev.method_config(base_cfg, m), steps=args.cost_steps, batch_tokens=D.batch_tokens)
         say(f"[cost] absorbing {args.cost_tokens} tokens with {m.label}, {cfg.steps} steps (fresh process) ...")
         r = ev.run_isolated({"kind": "absorb", **common, "cfg": asdict(cfg), "text": text, "probes": args.probes})
         absorb_rows.append({"method": m.name, "label": m.label, **r})
@@ -400,10 +401,11 @@ def markdown(res: dict, args, plots: dict) -> str:
                      f(r["seconds_per_step"], ".2f"), f(ev.mib(r["memory_peak_bytes"]), ".0f"),
                      f(ev.mib(r["memory_extra_bytes"]), ".0f")] for r in c["absorb"]]
             out.append(f"Absorption of a {c['absorb_text_tokens']}-token text as absorb.py does it (probes "
-                       f"{args.probes or 'none'}), each method in a fresh process. Wall time includes building the "
-                       f"probes, the teacher pass, the teacher-generated Y and a final loss pass, so s / step "
-                       f"overstates the marginal cost of a step; memory is the {c['absorb'][0]['memory_kind']}, "
-                       f"extra = above the loaded model:\n")
+                       f"{args.probes or 'none'}, {D.batch_tokens or 'all'} Y tokens per step), each method in a "
+                       f"fresh process. Wall time includes building the probes, the teacher pass, the "
+                       f"teacher-generated Y and a final loss pass, so with few steps it overstates the cost per "
+                       f"step (the LM and fact tables give the time at {args.steps} steps); memory is the "
+                       f"{c['absorb'][0]['memory_kind']}, extra = above the loaded model:\n")
             out.append(ev.markdown_table(["method", "tokens", "steps", "wall s", "s / 1k tok", "s / step",
                                           "peak MiB", "extra MiB"], rows) + "\n")
         rows = [[r["context_tokens"], r["mode"], r["tokens_in_window"], f(ev.mib(r["kv_cache_bytes"]), ".1f"),
