@@ -23,7 +23,7 @@ import torch
 from nanoabsorber import DTYPES, load
 from nanoabsorber.absorber import AbsorbConfig, absorb_text
 from nanoabsorber.attention import set_attention_impl
-from nanoabsorber.cli import UserError, add_model_args, print_config, run
+from nanoabsorber.cli import UserError, add_model_args, decode_text, print_config, read_text_file, run
 from nanoabsorber.lora import apply_lora, export_peft, lora_parameters, save_adapter
 
 ASSETS = Path(__file__).resolve().parent / "nanoabsorber" / "assets"
@@ -34,25 +34,10 @@ D = AbsorbConfig()
 
 def read_context(arg: str | None) -> tuple[str, str]:
     """(text, name) from a file, '-' (stdin) or the demo document; one-line errors for bad input."""
-    name = "<stdin>" if arg == "-" else str(arg or DEMO_DOC)
     if arg == "-":
-        raw = sys.stdin.buffer.read()
-    else:
-        try:
-            raw = Path(name).read_bytes()
-        except FileNotFoundError:
-            raise UserError(f"{name}: no such file") from None
-        except IsADirectoryError:
-            raise UserError(f"{name}: is a directory, expected a text file") from None
-    if b"\x00" in raw[:65536]:
-        raise UserError(f"{name}: looks binary (NUL bytes); give a UTF-8 text file")
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise UserError(f"{name}: not UTF-8 text (invalid byte at offset {e.start})") from None
-    if not text.strip():
-        raise UserError(f"{name}: is empty")
-    return text, name
+        return decode_text(sys.stdin.buffer.read(), "<stdin>"), "<stdin>"
+    name = str(arg or DEMO_DOC)
+    return read_text_file(name), name
 
 
 class Progress:

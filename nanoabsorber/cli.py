@@ -11,6 +11,30 @@ class UserError(Exception):
     """Bad input from the user: printed as one line, exit status 2."""
 
 
+def decode_text(raw: bytes, name) -> str:
+    """UTF-8 text from bytes, or a one-line UserError naming `name` (binary, not UTF-8, empty)."""
+    if b"\x00" in raw[:65536]:
+        raise UserError(f"{name}: looks binary (NUL bytes); give a UTF-8 text file")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"{name}: not UTF-8 text (invalid byte at offset {e.start})") from None
+    if not text.strip():
+        raise UserError(f"{name}: is empty")
+    return text
+
+
+def read_text_file(path) -> str:
+    """A text file's contents, or a one-line UserError naming the file and the problem."""
+    try:
+        raw = open(path, "rb").read()
+    except FileNotFoundError:
+        raise UserError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise UserError(f"{path}: is a directory, expected a text file") from None
+    return decode_text(raw, path)
+
+
 def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ckpt", default=None,
                    help="checkpoint: HF-layout folder, .safetensors file or .gguf (default: SmolLM2-135M-Instruct)")

@@ -35,6 +35,7 @@ import torch
 
 from .absorber import AbsorbConfig, absorb_chunk, chunk_windows
 from .cli import UserError
+from .cli import read_text_file as _read_text_file
 from .metrics import target_logprobs
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -339,20 +340,7 @@ class TaskFileError(UserError):
 
 
 def read_text_file(path) -> str:
-    path = Path(path)
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        raise UserError(f"{path}: no such file") from None
-    except IsADirectoryError:
-        raise UserError(f"{path}: is a directory, expected a text file") from None
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise UserError(f"{path}: not UTF-8 text (invalid byte at offset {e.start})") from None
-    if not text.strip():
-        raise UserError(f"{path}: is empty")
-    return text
+    return _read_text_file(path)
 
 
 def load_tasks(path) -> list[dict]:
