@@ -21,7 +21,8 @@ from pathlib import Path
 import torch
 
 from nanoabsorber import DTYPES, load
-from nanoabsorber.absorber import AbsorbConfig, absorb_text
+from nanoabsorber.absorber import (DEFAULT_PROBES, PROBE_LR, RAW_GEN_TOKENS, RAW_TEXT_LR, AbsorbConfig, absorb_text,
+                                   probe_kinds, uses_chat_probes)
 from nanoabsorber.attention import set_attention_impl
 from nanoabsorber.cli import UserError, add_model_args, decode_text, print_config, read_text_file, run
 from nanoabsorber.lora import apply_lora, export_peft, lora_parameters, save_adapter
@@ -71,15 +72,17 @@ def main():
     p.add_argument("--alpha", type=float, default=32.0, help="LoRA alpha (scale = alpha / rank)")
     p.add_argument("--targets", default="all", help="LoRA targets: comma list of q,k,v,o,gate,up,down or 'all'")
     p.add_argument("--steps", type=int, default=D.steps, help="max optimizer steps per window (K)")
-    p.add_argument("--lr", type=float, default=D.lr, help="AdamW learning rate")
+    p.add_argument("--lr", type=float, default=None,
+                   help=f"AdamW learning rate (default {PROBE_LR:g} with chat probes, {RAW_TEXT_LR:g} for raw-text Y only)")
     p.add_argument("--eps", type=float, default=D.eps, help="early stop when the loss falls below this")
     p.add_argument("--chunk", type=int, default=D.chunk, help="n: tokens absorbed per window")
     p.add_argument("--sync-len", type=int, default=D.sync_len, help="m: following tokens used as Y per window")
     p.add_argument("--gen-tokens", type=int, default=None,
                    help="teacher-generated Y tokens where the following text is short (last window); "
-                        f"default 0 when chat probes are used, else {D.gen_tokens}")
-    p.add_argument("--probes", default="recite,entity",
-                   help="chat probe kinds added to Y for chat models: recite,entity ('' for none)")
+                        f"default 0 when chat probes are used, else {RAW_GEN_TOKENS}")
+    p.add_argument("--probes", default=DEFAULT_PROBES,
+                   help="chat probe kinds added to Y for chat models, comma list of recite, entity, cloze, "
+                        "continue ('' for none); see nanoabsorber/probes.py")
     p.add_argument("--batch-tokens", type=int, default=D.batch_tokens, help="Y tokens per step (0 = all)")
     p.add_argument("--loss", default=D.loss, choices=["l1", "mse", "l1_norm", "kl", "hybrid"],
                    help="sync loss: hidden-state l1 (paper), mse, l1_norm, kl (logits only), hybrid (l1_norm + kl)")
@@ -98,6 +101,10 @@ def main():
     set_attention_impl(args.attn)
     torch.manual_seed(args.seed)
     demo = args.context is None
+    try:
+        probe_kinds(args.probes)
+    except ValueError as e:
+        raise UserError(f"--probes: {e}") from None
     text, name = read_context(args.context)
     out = Path(args.out) if args.out else Path((Path(name).stem if name != "<stdin>" else "stdin") + ".adapter.safetensors")
     if out.suffix != ".safetensors":
@@ -144,11 +151,13 @@ def main():
         logp_full = target_logprobs(model, prefix, ctx, holdout)
         logp_none = target_logprobs(model, prefix, [], holdout)
 
-    if args.gen_tokens is None:
-        args.gen_tokens = 0 if (args.probes and tok.chat_format and args.objective == "sync") else D.gen_tokens
+    chat = uses_chat_probes(tok, args.probes, args.objective)
     cfg = AbsorbConfig(objective=args.objective, loss=args.loss, steps=args.steps, lr=args.lr, eps=args.eps,
                        chunk=args.chunk, sync_len=args.sync_len, gen_tokens=args.gen_tokens,
-                       batch_tokens=args.batch_tokens, seed=args.seed)
+                       batch_tokens=args.batch_tokens, seed=args.seed).resolved(chat)
+    print(f"Y per window: up to {args.sync_len} following tokens"
+          f"{f', {cfg.gen_tokens} generated where the text runs out' if cfg.gen_tokens else ''}"
+          f"{f', chat probes ({args.probes})' if chat else ''}; lr {cfg.lr:g}, {cfg.steps} steps", file=sys.stderr)
     apply_lora(model, args.targets, args.rank, args.alpha)
     prog = Progress(n_tokens, args.steps)
     t1 = time.time()

@@ -41,7 +41,7 @@ import torch
 
 from nanoabsorber import DTYPES, load
 from nanoabsorber import evaluation as ev
-from nanoabsorber.absorber import AbsorbConfig, absorb_text
+from nanoabsorber.absorber import DEFAULT_PROBES, PROBE_LR, RAW_GEN_TOKENS, RAW_TEXT_LR, AbsorbConfig, absorb_text
 from nanoabsorber.attention import set_attention_impl
 from nanoabsorber.cli import UserError, add_model_args, print_config, run
 from nanoabsorber.lora import apply_lora, reset_lora
@@ -96,13 +96,16 @@ def parse_args(argv=None):
     p.add_argument("--targets", default="all", help="LoRA targets: comma list of q,k,v,o,gate,up,down or 'all'")
     p.add_argument("--steps", type=int, default=None,
                    help=f"optimizer steps per absorbed window (default {D.steps}, --quick 10)")
-    p.add_argument("--lr", type=float, default=D.lr, help="AdamW learning rate")
+    p.add_argument("--lr", type=float, default=None,
+                   help=f"AdamW learning rate (default {PROBE_LR:g} in the QA sections, where Y holds chat probes; "
+                        f"{RAW_TEXT_LR:g} in lm, where Y is raw text)")
     p.add_argument("--chunk", type=int, default=D.chunk, help="n: tokens absorbed per window")
     p.add_argument("--sync-len", type=int, default=D.sync_len, help="m: following tokens used as Y per window")
-    p.add_argument("--gen-tokens", type=int, default=D.gen_tokens,
-                   help="teacher-generated Y tokens at the end of a text (QA sections)")
+    p.add_argument("--gen-tokens", type=int, default=None,
+                   help=f"teacher-generated Y tokens at the end of a text (default 0 with chat probes, "
+                        f"else {RAW_GEN_TOKENS})")
     p.add_argument("--batch-tokens", type=int, default=None, help="Y tokens per optimizer step (0 = all)")
-    p.add_argument("--probes", default="recite,entity",
+    p.add_argument("--probes", default=DEFAULT_PROBES,
                    help="chat probes for sync methods in the QA sections ('' for none)")
     p.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1), help="CPU threads for torch")
     p.add_argument("--seed", type=int, default=0, help="seed of the LoRA init and of the generated documents")
@@ -156,6 +159,10 @@ def lm_documents(args, tok) -> list:
     count = lambda s: len(tok.encode(s))  # noqa: E731
     segs = [tok.encode(ev.make_story(args.seed + k, n + 64, count))[:n] for k in range(args.lm_segments)]
     return [("generated story", segs)]
+
+
+def lr_text(args) -> str:
+    return f"{args.lr:g}" if args.lr else f"{RAW_TEXT_LR:g} (lm, raw-text Y) / {PROBE_LR:g} (QA sections, chat probes)"
 
 
 def run_lm(model, tok, args, methods, base_cfg) -> dict:
@@ -357,7 +364,8 @@ def markdown(res: dict, args, plots: dict) -> str:
                f"({env['machine']}), torch {env['torch']}, python {env['python']}, commit "
                f"{(env['git_commit'] or 'unknown')[:10]}{' (dirty)' if env['git_dirty'] else ''}. "
                f"LoRA rank {args.rank}, alpha {args.alpha:g}, targets {args.targets}; {args.steps} optimizer steps per "
-               f"absorbed window (n = {args.chunk}, m = {args.sync_len}), lr {args.lr:g}, "
+               f"absorbed window (n = {args.chunk}, m = {args.sync_len}), "
+               f"lr {lr_text(args)}, "
                f"{args.batch_tokens or 'all'} Y tokens per step, window W = {args.window} tokens.\n")
     if "lm" in res:
         lm = res["lm"]

@@ -15,14 +15,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from nanoabsorber import load  # noqa: E402
-from nanoabsorber.absorber import AbsorbConfig, absorb_chunk, sample_continuations  # noqa: E402
+from nanoabsorber.absorber import PROBE_LR, AbsorbConfig, absorb_chunk, sample_continuations  # noqa: E402
 from nanoabsorber.lora import apply_lora, reset_lora  # noqa: E402
 from nanoabsorber.probes import GENERIC, answer, chat_probe_ids, is_correct, make_probes  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[1] / "nanoabsorber" / "assets"
 
 
-def build(recipe: str, model, tok, doc: str, gen_tokens: int):
+def build(recipe: str, model, tok, doc: str, gen_tokens: int, seed: int = 0):
     """Probe list for a recipe name like 'recite+entity+generic' ('generic' answers are generated)."""
     parts = recipe.split("+")
     probes = make_probes(doc, parts)
@@ -32,7 +32,7 @@ def build(recipe: str, model, tok, doc: str, gen_tokens: int):
         for i, q in enumerate(GENERIC * (3 if "sampled" in parts else 1)):
             ctx = prefix + x + tok.encode(q + tail)
             if "sampled" in parts:
-                g = sample_continuations(model, ctx, 1, gen_tokens, 0.8, 0.95, tok.stop_ids, seed=i)[0]
+                g = sample_continuations(model, ctx, 1, gen_tokens, 0.8, 0.95, tok.stop_ids, seed=seed * 1000 + i)[0]
             else:
                 from nanoabsorber.absorber import greedy_answer
                 g = greedy_answer(model, ctx, gen_tokens, tok.stop_ids)
@@ -47,28 +47,31 @@ def main():
     p.add_argument("--recipes", nargs="+", default=["sampled", "recite", "entity", "recite+entity",
                                                       "recite+entity+generic"])
     p.add_argument("--steps", type=int, default=30)
-    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--lr", type=float, default=PROBE_LR)
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--alpha", type=float, default=32)
     p.add_argument("--targets", default="all")
     p.add_argument("--loss", default="l1")
+    p.add_argument("--schedule", default="constant", choices=["constant", "cosine"])
     p.add_argument("--batch-tokens", type=int, default=0)
     p.add_argument("--gen-tokens", type=int, default=96)
+    p.add_argument("--seed", type=int, default=0, help="seed of the LoRA init (and of any sampling)")
     p.add_argument("--out", default=None, help="append JSON lines of results here")
     args = p.parse_args()
     print(json.dumps(vars(args)), file=sys.stderr)
-    torch.manual_seed(0)
+    torch.manual_seed(args.seed)
     model, tok = load()
     doc = (DATA / "demo_document.txt").read_text()
     qs = json.loads((DATA / "demo_questions.json").read_text())
     apply_lora(model, args.targets, args.rank, args.alpha)
     rows = []
     for recipe in args.recipes:
-        reset_lora(model, seed=0)
+        reset_lora(model, seed=args.seed)
         t0 = time.time()
-        groups = build(recipe, model, tok, doc, args.gen_tokens)
+        groups = build(recipe, model, tok, doc, args.gen_tokens, args.seed)
         n_y = sum(len(y) for y in groups[0][2])
-        cfg = AbsorbConfig(steps=args.steps, lr=args.lr, loss=args.loss, batch_tokens=args.batch_tokens)
+        cfg = AbsorbConfig(steps=args.steps, lr=args.lr, loss=args.loss, batch_tokens=args.batch_tokens,
+                           schedule=args.schedule, seed=args.seed)
         res = absorb_chunk(model, groups, cfg, log=lambda d: d['step'] % 5 == 0 and print(
             f"  step {d['step']} loss {d['loss']:.4f} {d['elapsed']:.0f}s", file=sys.stderr, flush=True))
         t_abs = time.time() - t0
@@ -87,7 +90,7 @@ def main():
                 f.write(json.dumps(row) + "\n")
     print("\nrecipe                       facts  Y tokens  seconds  loss0 -> loss")
     for r in rows:
-        print(f"{r['recipe']:<28} {r['facts']}/{r['of']}  {r['y_tokens']:>8}  {r['seconds']:>7}  {r['loss0']} -> {r['loss']}")
+        print(f"{r['recipe']:<28} {r['facts']}/{r['of']}  {r['y_tokens']:>8}  {r['seconds']:>7}  {r['loss0']} -> {r['loss_end']}")
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ def main():
     p.add_argument("--sync-len", type=int, default=512, help="m: Y tokens")
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--steps", type=int, default=5)
-    p.add_argument("--lr", type=float, default=ab.AbsorbConfig.lr)
+    p.add_argument("--lr", type=float, default=ab.RAW_TEXT_LR, help="AdamW lr (raw-text Y: RAW_TEXT_LR)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--text", default=None, help="text file (default: the demo document repeated)")
     args = p.parse_args()

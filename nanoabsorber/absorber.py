@@ -23,7 +23,7 @@ The updated model is the next chunk's teacher. Memory is bounded by n + m, not t
 """
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Callable, Iterable, Optional
 
 import torch
@@ -33,6 +33,13 @@ from .losses import hidden_sync_loss, linear_kl_loss
 from .lora import lora_parameters, lora_state_dict
 from .sampling import sample_next
 
+# The recipe bench/absorb_recipes.py chose (README, "Recipes"): Y = the recite probe, 90 steps at
+# lr 3e-3, hidden-state L1, nothing generated. Raw-text Y (no chat probes) takes the lower
+# RAW_TEXT_LR (at 3e-3 the sync loss rose on a repetitive novel, README "Results") and, where the
+# following text runs out, RAW_GEN_TOKENS teacher-generated tokens.
+DEFAULT_PROBES = "recite"
+PROBE_LR, RAW_TEXT_LR = 3e-3, 1e-3
+RAW_GEN_TOKENS = 128
 LOSSES = ("l1", "mse", "l1_norm", "kl", "hybrid")
 OBJECTIVES = ("sync", "ntp")
 
@@ -43,14 +50,16 @@ class AbsorbConfig:
     loss: str = "l1"             # l1 | mse | l1_norm | kl | hybrid (see module docstring)
     kl_weight: float = 1.0       # weight of the KL term in "hybrid"
     temperature: float = 1.0     # softmax temperature of the KL term
-    steps: int = 30              # max optimizer steps per chunk (K)
+    steps: int = 90              # max optimizer steps per chunk (K)
     eps: float = 0.0             # early stop when the loss falls below eps (paper: 2 on Llama-2-7B)
-    lr: float = 3e-3
+    lr: Optional[float] = None   # None: PROBE_LR when Y holds chat probes, RAW_TEXT_LR for raw text only
+    schedule: str = "constant"   # constant | cosine (decay to 0 over `steps`)
     weight_decay: float = 0.0
     grad_clip: float = 1.0       # max grad norm (0 = off)
     chunk: int = 1024            # n: tokens absorbed per window
     sync_len: int = 512          # m: real following tokens used as Y per window
-    gen_tokens: int = 128        # teacher-generated Y tokens when the following text is short (last window)
+    gen_tokens: Optional[int] = None  # teacher-generated Y tokens where the following text is short
+                                      # (last window); None: 0 with chat probes, RAW_GEN_TOKENS otherwise
     gen_temperature: float = 0.8
     gen_top_p: float = 0.95
     gen_samples: int = 4         # generated continuations per chunk (split gen_tokens among them)
@@ -62,8 +71,17 @@ class AbsorbConfig:
             raise ValueError(f"loss must be one of {LOSSES}, not {self.loss!r}")
         if self.objective not in OBJECTIVES:
             raise ValueError(f"objective must be one of {OBJECTIVES}, not {self.objective!r}")
+        if self.schedule not in ("constant", "cosine"):
+            raise ValueError(f"schedule must be constant or cosine, not {self.schedule!r}")
         if self.steps < 0 or self.chunk <= 0 or self.sync_len < 0:
             raise ValueError("steps >= 0, chunk > 0 and sync_len >= 0 are required")
+
+    def resolved(self, chat_probes: bool) -> "AbsorbConfig":
+        """This config with the automatic (None) lr and gen_tokens filled in for a Y that does
+        (chat_probes=True) or does not hold chat probes."""
+        return replace(self, lr=self.lr if self.lr is not None else (PROBE_LR if chat_probes else RAW_TEXT_LR),
+                       gen_tokens=self.gen_tokens if self.gen_tokens is not None else
+                       (0 if chat_probes else RAW_GEN_TOKENS))
 
 
 @dataclass
@@ -195,7 +213,9 @@ def _accumulate(model, t: Targets, rows: list, cfg: AbsorbConfig, backward: bool
 
 def absorb_chunk(model, groups: list, cfg: AbsorbConfig, log: Optional[Callable[[dict], None]] = None) -> ChunkResult:
     """Algorithm 1 on one chunk. groups: [(P, X, [Y_1, ...]), ...] (usually one group; chat probes
-    add a group with the chat prefix). The model must already carry LoRA (apply_lora)."""
+    add a group with the chat prefix). The model must already carry LoRA (apply_lora). An automatic
+    (None) lr is taken as raw-text Y's; absorb_stream / absorb_text resolve it knowing Y."""
+    cfg = cfg.resolved(chat_probes=False)
     params = lora_parameters(model)
     if not params:
         raise ValueError("absorb_chunk: apply_lora(model, ...) first")
@@ -229,6 +249,8 @@ def absorb_chunk(model, groups: list, cfg: AbsorbConfig, log: Optional[Callable[
             return _accumulate(model, targets, rows, cfg, backward)
 
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda i: 1.0 if cfg.schedule == "constant" else 0.5 * (1 + math.cos(math.pi * i / max(cfg.steps, 1))))
     for m in model.modules():
         if hasattr(m, "lora_A"):
             m.train()  # LoRA dropout active while absorbing
@@ -256,6 +278,7 @@ def absorb_chunk(model, groups: list, cfg: AbsorbConfig, log: Optional[Callable[
         if cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         opt.step()
+        sched.step()
         res.steps += 1
         if log:
             log({"step": res.steps, "loss": lv, "elapsed": time.time() - t0})
@@ -320,7 +343,9 @@ def absorb_stream(model, stream: list[int], cfg: AbsorbConfig, prefix: list[int]
     Y per window = the m real following tokens, plus cfg.gen_tokens teacher-generated tokens
     (in gen_samples samples) when the real following text is shorter than m (always for the
     last window). extra_ys(chunk_index, x_ids) -> list of (P, X, [Y_j]) groups lets callers add
-    more Y sets (e.g. chat probes with their own prefix). Returns a ChunkResult per window."""
+    more Y sets (e.g. chat probes with their own prefix); with it, an automatic lr / gen_tokens
+    is resolved as for chat probes (AbsorbConfig.resolved). Returns a ChunkResult per window."""
+    cfg = cfg.resolved(chat_probes=extra_ys is not None)
     results = []
     wins = chunk_windows(len(stream), cfg.chunk, cfg.sync_len)
     absorbed = 0
@@ -352,20 +377,34 @@ def absorb_stream(model, stream: list[int], cfg: AbsorbConfig, prefix: list[int]
     return results
 
 
-def absorb_text(model, tok, text: str, cfg: AbsorbConfig, probes: str = "recite,entity",
+def probe_kinds(probes: str) -> set:
+    """The probe kinds of a comma list like "recite,entity"; ValueError for unknown ones."""
+    kinds = {k.strip() for k in probes.split(",") if k.strip()}
+    bad = kinds - {"recite", "entity", "cloze", "continue"}
+    if bad:
+        raise ValueError(f"unknown probe kind(s) {sorted(bad)}; use recite, entity, cloze, continue")
+    return kinds
+
+
+def uses_chat_probes(tok, probes: str, objective: str = "sync") -> bool:
+    """Whether absorb_text adds chat probes to Y: a chat model, probe kinds given, sync objective."""
+    return bool(probe_kinds(probes)) and bool(tok.chat_format) and objective == "sync"
+
+
+
+
+def absorb_text(model, tok, text: str, cfg: AbsorbConfig, probes: str = DEFAULT_PROBES,
                 log: Optional[Callable[[dict], None]] = None) -> list:
     """The high-level entry point (absorb.py, eval.py): absorb `text` into the LoRA of `model`.
     Raw-text Y: the sync_len real tokens after each window (+ gen_tokens generated ones at the
     end). For chat models, each window also gets chat probes about its text (`probes`, a comma
-    list of recite, entity; "" for none), see probes.py. Returns a ChunkResult per window."""
+    list of recite, entity, cloze, continue; "" for none), see probes.py. Returns a ChunkResult
+    per window."""
     from .probes import chat_probe_ids, make_probes
 
     ids = tok.encode(text)
     prefix = [tok.bos_id] if tok.add_bos and tok.bos_id is not None else []
-    kinds = {k.strip() for k in probes.split(",") if k.strip()}
-    bad = kinds - {"recite", "entity", "cloze"}
-    if bad:
-        raise ValueError(f"unknown probe kind(s) {sorted(bad)}; use recite, entity, cloze")
+    kinds = probe_kinds(probes)
 
     def chat_probes(ci, x):
         chunk_text = tok.decode(x)
@@ -375,8 +414,8 @@ def absorb_text(model, tok, text: str, cfg: AbsorbConfig, probes: str = "recite,
         p, xc, ys, _ = chat_probe_ids(tok, chunk_text, pr)
         return [(p, xc, ys)]
 
-    use_probes = kinds and tok.chat_format and cfg.objective == "sync"
-    return absorb_stream(model, ids, cfg, prefix, tok.stop_ids, log, chat_probes if use_probes else None)
+    use = uses_chat_probes(tok, probes, cfg.objective)
+    return absorb_stream(model, ids, cfg, prefix, tok.stop_ids, log, chat_probes if use else None)
 
 
 def config_dict(cfg: AbsorbConfig) -> dict:

@@ -9,7 +9,12 @@ without it (P · Y). Probe kinds:
   cloze    "Complete the sentence from the text: The school is called ___." for every sentence
            and name/number in it, answered with the whole sentence (the forward direction a
            question takes: from the cue to the fact)
-  generic  "Summarize the text." and friends, answered by the teacher (generation, slower)
+  continue 'Continue the text from "Its headmaster is":' answered with the rest of the paragraph
+           (recitation that starts at every sentence)
+  generic  "Summarize the text." and friends, answered by the teacher (generation, slower;
+           bench/absorb_recipes.py only)
+The default (absorber.DEFAULT_PROBES) is recite alone: on the demo document it recovered as many
+facts as the document in the prompt, at a third of the cost of recite + entity (README, "Recipes").
 """
 import re
 from collections import Counter
@@ -68,11 +73,26 @@ def cloze_probes(text: str, limit: int = 48) -> list[tuple[str, str]]:
     return out[:limit]
 
 
+def continue_probes(text: str, words: int = 4) -> list[tuple[str, str]]:
+    """'Continue the text from "Its headmaster is": ' answered with the rest of that paragraph:
+    recitation that starts at every sentence, not only at the top of the text."""
+    out = []
+    for para in [p for p in re.split(r"\n\s*\n", text) if p.strip()]:
+        sents = sentences(para)
+        for i, s in enumerate(sents):
+            w = s.split()
+            if len(w) > words + 2:
+                rest = " ".join([" ".join(w[words:])] + sents[i + 1:])
+                out.append((f'Continue the text from "{" ".join(w[:words])}".', rest))
+    return out
+
+
 def make_probes(text: str, kinds) -> list[tuple[str, str]]:
-    """Probe (question, answer) pairs of the given kinds (recite, entity, cloze) for `text`."""
+    """Probe (question, answer) pairs of the given kinds (recite, entity, cloze, continue) for `text`."""
     kinds = set(kinds)
     return (([recite_probe(text)] if "recite" in kinds else []) + (entity_probes(text) if "entity" in kinds else [])
-            + (cloze_probes(text) if "cloze" in kinds else []))
+            + (cloze_probes(text) if "cloze" in kinds else [])
+            + (continue_probes(text) if "continue" in kinds else []))
 
 
 def recite_probe(text: str) -> tuple[str, str]:

@@ -2,6 +2,7 @@
 every objective runs through one loop, streaming memory is bounded by n + m, the student's
 sequence starts with the same prefix (BOS) as generation, non-finite losses keep the last good
 adapter, and absorb.py's bad-input paths."""
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -201,3 +202,59 @@ def test_absorbing_after_generating_in_the_same_process():
     list(generate(m, [1, 2, 3], 4))
     res = absorb_chunk(m, [([], ids(20, 1), [ids(10, 2)])], AbsorbConfig(steps=2, lr=1e-2))
     assert res.steps == 2
+
+
+def test_cosine_schedule_decays_the_learning_rate_and_still_reduces_the_loss(monkeypatch):
+    seen = []
+    step = torch.optim.AdamW.step
+
+    def spy(self, *a, **k):
+        seen.append(self.param_groups[0]["lr"])
+        return step(self, *a, **k)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", spy)
+    m = lora_model()
+    res = absorb_chunk(m, [([], ids(30, 3), [ids(20, 4)])], AbsorbConfig(steps=4, lr=1e-2, schedule="cosine"))
+    assert res.final_loss < res.first_loss
+    assert seen == pytest.approx([1e-2 * 0.5 * (1 + math.cos(math.pi * i / 4))
+                                  for i in range(4)])
+    with pytest.raises(ValueError, match="schedule"):
+        AbsorbConfig(schedule="linear")
+
+
+def test_automatic_lr_and_gen_tokens_depend_on_what_y_is_made_of():
+    class Chat:
+        chat_format = True
+
+    class Raw:
+        chat_format = False
+
+    cfg = AbsorbConfig()
+    assert cfg.lr is None and cfg.gen_tokens is None                     # automatic
+    assert (cfg.resolved(True).lr, cfg.resolved(True).gen_tokens) == (ab.PROBE_LR, 0)
+    assert (cfg.resolved(False).lr, cfg.resolved(False).gen_tokens) == (ab.RAW_TEXT_LR, ab.RAW_GEN_TOKENS)
+    assert AbsorbConfig(lr=5e-4, gen_tokens=7).resolved(True) == AbsorbConfig(lr=5e-4, gen_tokens=7)  # explicit wins
+    assert ab.uses_chat_probes(Chat(), "recite")
+    assert not ab.uses_chat_probes(Chat(), "")                            # no probes: raw-text Y only
+    assert not ab.uses_chat_probes(Raw(), "recite")                       # not a chat model
+    assert not ab.uses_chat_probes(Chat(), "recite", "ntp")
+    with pytest.raises(ValueError, match="unknown probe"):
+        ab.probe_kinds("recite,summary")
+
+
+def test_continue_probes_start_at_every_sentence_and_stay_in_their_paragraph():
+    from nanoabsorber.probes import continue_probes
+
+    text = "Anna keeps bees in a garden. Her hives are blue and old.\n\nThe town of Vell has one bridge over it."
+    pr = continue_probes(text, words=3)
+    assert [q for q, _ in pr] == ['Continue the text from "Anna keeps bees".',
+                                  'Continue the text from "Her hives are".',
+                                  'Continue the text from "The town of".']
+    assert pr[0][1] == "in a garden. Her hives are blue and old."      # rest of the paragraph, not the next one
+    assert pr[2][1] == "Vell has one bridge over it."
+
+
+def test_absorb_cli_rejects_unknown_probe_kind(tmp_path):
+    r = subprocess.run([sys.executable, str(ROOT / "absorb.py"), "--probes", "recite,summary"],
+                       capture_output=True, text=True, cwd=tmp_path)
+    assert r.returncode == 2 and "unknown probe kind" in r.stderr and "Traceback" not in r.stderr

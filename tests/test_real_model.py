@@ -73,3 +73,26 @@ def test_absorb_cli_short_run_saves_a_loadable_adapter(tmp_path):
                         "0", "--max-new-tokens", "8", "--prompt", "Who keeps bees?"], capture_output=True, text=True,
                        cwd=ROOT)
     assert s.returncode == 0, s.stderr
+
+
+def test_default_recipe_recovers_a_fact_the_base_model_does_not_know():
+    """The default recipe (absorb_text with AbsorbConfig() and the default probes) on a two-sentence
+    note: with the note gone from the prompt, the absorbed model names the place that only the note
+    gives, where the base model does not. A fresh model, so the module fixture stays clean."""
+    from nanoabsorber.absorber import AbsorbConfig, absorb_text
+    from nanoabsorber.lora import apply_lora
+    from nanoabsorber.probes import answer
+
+    torch.manual_seed(0)
+    model, tok = load()
+    note = "Mira Okafor keeps bees on the roof of the Halvard Library. She has fourteen hives."
+    q = "Where does Mira Okafor keep her bees?"
+    with torch.no_grad():
+        base, with_doc = answer(model, tok, q), answer(model, tok, q, doc=note)
+    assert "Halvard" not in base and "Halvard" in with_doc, (base, with_doc)
+    apply_lora(model, "all", 16, 32)
+    res = absorb_text(model, tok, note, AbsorbConfig())
+    assert res[0].final_loss < res[0].first_loss / 2
+    with torch.no_grad():
+        after = answer(model, tok, q)
+    assert "Halvard" in after, (base, with_doc, after)
