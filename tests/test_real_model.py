@@ -75,24 +75,32 @@ def test_absorb_cli_short_run_saves_a_loadable_adapter(tmp_path):
     assert s.returncode == 0, s.stderr
 
 
-def test_default_recipe_recovers_a_fact_the_base_model_does_not_know():
-    """The default recipe (absorb_text with AbsorbConfig() and the default probes) on a two-sentence
-    note: with the note gone from the prompt, the absorbed model names the place that only the note
-    gives, where the base model does not. A fresh model, so the module fixture stays clean."""
+def test_default_recipe_recovers_the_demo_facts():
+    """The issue's quality target, as a test: the default recipe (absorb_text with AbsorbConfig()
+    and the default probes) on the demo document; with the document gone from the prompt the
+    absorbed model answers about as many of the 8 questions as the model with the document in
+    its prompt (6/8 on three seeds when measured; 5 leaves room for floating-point noise), where
+    the base model knows none. A fresh model, so the module fixture stays clean."""
     from nanoabsorber.absorber import AbsorbConfig, absorb_text
     from nanoabsorber.lora import apply_lora
-    from nanoabsorber.probes import answer
+    from nanoabsorber.probes import answer, is_correct
 
+    assets = ROOT / "nanoabsorber" / "assets"
+    doc = (assets / "demo_document.txt").read_text()
+    qs = json.loads((assets / "demo_questions.json").read_text())
     torch.manual_seed(0)
     model, tok = load()
-    note = "Mira Okafor keeps bees on the roof of the Halvard Library. She has fourteen hives."
-    q = "Where does Mira Okafor keep her bees?"
-    with torch.no_grad():
-        base, with_doc = answer(model, tok, q), answer(model, tok, q, doc=note)
-    assert "Halvard" not in base and "Halvard" in with_doc, (base, with_doc)
+
+    def score(**kw):
+        with torch.no_grad():
+            preds = [answer(model, tok, q["question"], **kw) for q in qs]
+        return sum(is_correct(p, q["answers"]) for p, q in zip(preds, qs)), preds
+
+    base, _ = score()
     apply_lora(model, "all", 16, 32)
-    res = absorb_text(model, tok, note, AbsorbConfig())
-    assert res[0].final_loss < res[0].first_loss / 2
-    with torch.no_grad():
-        after = answer(model, tok, q)
-    assert "Halvard" in after, (base, with_doc, after)
+    res = absorb_text(model, tok, doc, AbsorbConfig())
+    absorbed, preds = score()
+    print(f"base {base}/8, absorbed {absorbed}/8, loss {res[0].first_loss:.3f} -> {res[0].final_loss:.3f}")
+    assert base <= 1
+    assert res[0].final_loss < res[0].first_loss / 3
+    assert absorbed >= 5, preds

@@ -191,7 +191,11 @@ _SMOL_MISSING = {0x04, 0x06, 0x13, 0x14, 0x16, 0x1D, 0xC0, 0xC1, 0xF1, 0xF2, *ra
 
 
 def _representable(text: str) -> bool:
-    return not _SMOL_MISSING.intersection(text.encode("utf-8"))
+    try:
+        raw = text.encode("utf-8")
+    except UnicodeEncodeError:      # lone surrogates (U+D800..U+DFFF) are not encodable text
+        return False
+    return not _SMOL_MISSING.intersection(raw)
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
