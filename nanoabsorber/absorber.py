@@ -391,8 +391,6 @@ def uses_chat_probes(tok, probes: str, objective: str = "sync") -> bool:
     return bool(probe_kinds(probes)) and bool(tok.chat_format) and objective == "sync"
 
 
-
-
 def absorb_text(model, tok, text: str, cfg: AbsorbConfig, probes: str = DEFAULT_PROBES,
                 log: Optional[Callable[[dict], None]] = None) -> list:
     """The high-level entry point (absorb.py, eval.py): absorb `text` into the LoRA of `model`.
