@@ -30,106 +30,197 @@ Sections (--only lm,facts,tasks,cost):
 Writes OUT/results.json (all numbers, configuration, versions), OUT/results.md (the tables, also
 printed on stdout) and PNG plots in OUT.
 """
-import argparse
-import os
+import json
+import math
 import sys
 import time
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import Callable, Optional
 
 import torch
 
-from nanoabsorber import DTYPES, load
-from nanoabsorber import evaluation as ev
-from nanoabsorber.absorber import DEFAULT_PROBES, PROBE_LR, RAW_GEN_TOKENS, RAW_TEXT_LR, AbsorbConfig, absorb_text
-from nanoabsorber.attention import set_attention_impl
-from nanoabsorber.cli import UserError, add_model_args, print_config, run
+from nanoabsorber import load
+from nanoabsorber.absorber import PROBE_LR, RAW_TEXT_LR, AbsorbConfig, absorb_chunk, absorb_text, chunk_windows
+from nanoabsorber.benchdocs import POSITIONS, document_segments, load_tasks, make_fact_doc, make_story
+from nanoabsorber.cli import RunConfig, check_ckpt, check_output_path, read_text_file, run, setup
+from nanoabsorber.config import (ConfigError, Parser, add_flags, build, comma_list, flag_name, non_negative, positive,
+                                 print_config, setting, validate)
+from nanoabsorber.cost import environment, run_isolated
+from nanoabsorber.errors import UserError
+from nanoabsorber.io import atomic_write_text
 from nanoabsorber.lora import apply_lora, reset_lora
+from nanoabsorber.metrics import (continuation_scores, lm_logprobs, mean, nll_by_position, qa_scores, recovered,
+                                  token_nlls)
 from nanoabsorber.probes import answer, question_ids
 
-D = AbsorbConfig()
+# ------------------------------------------------------------------------------------------
+# Methods
+# ------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str                      # key used in flags, JSON and tables
+    label: str                     # human-readable name for tables and plots
+    kind: str                      # "full" | "none" | "window" | "absorb"
+    overrides: dict = field(default_factory=dict)   # AbsorbConfig fields for kind "absorb"
+
+
+METHODS = {m.name: m for m in [
+    Method("full", "full context", "full"),
+    Method("none", "no context", "none"),
+    Method("window", "window (last W)", "window"),
+    Method("absorber", "Absorber (L1 sync)", "absorb", {"objective": "sync", "loss": "l1"}),
+    Method("ntp", "NTP (TTT)", "absorb", {"objective": "ntp"}),
+    Method("kl", "logit KL", "absorb", {"objective": "sync", "loss": "kl"}),
+    Method("hybrid", "hybrid L1+KL", "absorb", {"objective": "sync", "loss": "hybrid"}),
+]}
+
+
+def names(spec: str) -> list[str]:
+    return [s.strip() for s in spec.split(",") if s.strip()]
+
+
+def selected_methods(spec: str) -> list[Method]:
+    """The methods of a comma list, in the canonical order of METHODS."""
+    return [m for n, m in METHODS.items() if n in names(spec)]
+
+
+def method_config(base: AbsorbConfig, m: Method) -> AbsorbConfig:
+    return replace(base, **m.overrides)
+
+
+# ------------------------------------------------------------------------------------------
+# Settings
+# ------------------------------------------------------------------------------------------
+
 SECTIONS = ("lm", "facts", "tasks", "cost")
-# Sizes: flag default None takes the preset's value (--quick or full); an explicit flag wins.
+_RECIPE_DEFAULTS = AbsorbConfig()
+# Sizes: a setting left at None takes the preset's value (--quick or full); an explicit flag wins.
 PRESETS = {
-    "full": dict(context=2048, eval_len=512, window=256, lm_segments=2, steps=D.steps, batch_tokens=D.batch_tokens,
-                 fact_lengths="256,512,1024", facts_per_doc=6, fact_docs=2, cost_lengths="1024,2048,4096,8192",
-                 cost_tokens=1024, cost_steps=D.steps, decode_tokens=32, answer_tokens=32),
+    "full": dict(context=2048, eval_len=512, window=256, lm_segments=2, steps=_RECIPE_DEFAULTS.steps,
+                 batch_tokens=_RECIPE_DEFAULTS.batch_tokens, fact_lengths="256,512,1024", facts_per_doc=6,
+                 fact_docs=2, cost_lengths="1024,2048,4096,8192", cost_tokens=1024, cost_steps=_RECIPE_DEFAULTS.steps,
+                 decode_tokens=32, answer_tokens=32),
     "quick": dict(context=1024, eval_len=256, window=128, lm_segments=1, steps=10, batch_tokens=128,
                   fact_lengths="128,512", facts_per_doc=3, fact_docs=1, cost_lengths="1024,2048,4096",
                   cost_tokens=256, cost_steps=1, decode_tokens=32, answer_tokens=16),
 }
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_model_args(p)
-    p.add_argument("--quick", action="store_true", help="small sizes and few steps: under 10 minutes on 2 CPU cores")
-    p.add_argument("--only", default=None,
-                   help="comma list of sections to run: lm,facts,tasks,cost "
-                        "(default: all; tasks when --tasks is given)")
-    p.add_argument("--methods", default=",".join(ev.METHODS), help="comma list of methods: " + ",".join(ev.METHODS))
-    p.add_argument("--out", default="eval_out", help="output folder for results.json, results.md and the plots")
-    p.add_argument("--docs", nargs="+", default=None,
-                   help="long UTF-8 text files for the lm section (default: a generated story)")
-    p.add_argument("--tasks", default=None,
-                   help='JSONL file of {"context", "question", "answer"} for the tasks section')
-    p.add_argument("--tasks-limit", type=int, default=0, help="use only the first N tasks (0 = all)")
-    p.add_argument("--context", type=int, default=None, help="lm: context tokens C before the evaluated span")
-    p.add_argument("--eval-len", type=int, default=None,
-                   help="lm: evaluated tokens E after the context (never trained on)")
-    p.add_argument("--window", type=int, default=None,
-                   help="W: tokens kept in the attention window by the window and absorbing methods")
-    p.add_argument("--lm-segments", type=int, default=None, help="lm: segments (C + E tokens) per document")
-    p.add_argument("--buckets", type=int, default=8, help="lm: position buckets for NLL vs position")
-    p.add_argument("--fact-lengths", default=None, help="facts: document lengths in tokens, comma list")
-    p.add_argument("--facts-per-doc", type=int, default=None,
-                   help="facts: facts per document (beginning/middle/end in turn)")
-    p.add_argument("--fact-docs", type=int, default=None, help="facts: documents per length")
-    p.add_argument("--answer-tokens", type=int, default=None, help="max tokens of a generated answer")
-    p.add_argument("--cost-lengths", default=None,
-                   help="cost: context lengths for inference memory/latency, comma list")
-    p.add_argument("--cost-tokens", type=int, default=None, help="cost: tokens absorbed for the absorption measurement")
-    p.add_argument("--cost-steps", type=int, default=None, help="cost: optimizer steps for the absorption measurement")
-    p.add_argument("--decode-tokens", type=int, default=None, help="cost: tokens decoded per latency measurement")
-    p.add_argument("--rank", type=int, default=16, help="LoRA rank")
-    p.add_argument("--alpha", type=float, default=32.0, help="LoRA alpha (scale = alpha / rank)")
-    p.add_argument("--targets", default="all", help="LoRA targets: comma list of q,k,v,o,gate,up,down or 'all'")
-    p.add_argument("--steps", type=int, default=None,
-                   help=f"optimizer steps per absorbed window (default {D.steps}, --quick 10)")
-    p.add_argument("--lr", type=float, default=None,
-                   help=f"AdamW learning rate (default {PROBE_LR:g} in the QA sections, where Y holds chat probes; "
-                        f"{RAW_TEXT_LR:g} in lm, where Y is raw text)")
-    p.add_argument("--chunk", type=int, default=D.chunk, help="n: tokens absorbed per window")
-    p.add_argument("--sync-len", type=int, default=D.sync_len, help="m: following tokens used as Y per window")
-    p.add_argument("--gen-tokens", type=int, default=None,
-                   help=f"teacher-generated Y tokens at the end of a text (default 0 with chat probes, "
-                        f"else {RAW_GEN_TOKENS})")
-    p.add_argument("--batch-tokens", type=int, default=None, help="Y tokens per optimizer step (0 = all)")
-    p.add_argument("--probes", default=DEFAULT_PROBES,
-                   help="chat probes for sync methods in the QA sections ('' for none)")
-    p.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1), help="CPU threads for torch")
-    p.add_argument("--seed", type=int, default=0, help="seed of the LoRA init and of the generated documents")
-    args = p.parse_args(argv)
-    for k, v in PRESETS["quick" if args.quick else "full"].items():
-        if getattr(args, k) is None:
-            setattr(args, k, v)
-    if args.only is None:
-        args.only = [s for s in SECTIONS if s != "tasks" or args.tasks]
-    else:
-        args.only = [s.strip() for s in args.only.split(",") if s.strip()]
-    bad = [s for s in args.only if s not in SECTIONS]
-    if bad or not args.only:
-        raise UserError(f"--only: unknown section(s) {bad or args.only}; choose from {','.join(SECTIONS)}")
-    if "tasks" in args.only and not args.tasks:
-        raise UserError("--only tasks needs --tasks FILE.jsonl")
-    args.fact_lengths = ev.parse_ints(args.fact_lengths, "--fact-lengths")
-    args.cost_lengths = ev.parse_ints(args.cost_lengths, "--cost-lengths")
-    for k in ("context", "eval_len", "window", "lm_segments", "steps", "answer_tokens", "decode_tokens", "cost_tokens"):
-        if getattr(args, k) <= 0 and not (k == "steps" and getattr(args, k) == 0):
-            raise UserError(f"--{k.replace('_', '-')} must be positive")
-    if args.window >= args.context:
-        raise UserError(f"--window ({args.window}) must be smaller than --context ({args.context})")
-    return args
+def ints(spec: str) -> list[int]:
+    return [int(s) for s in spec.split(",") if s.strip()]
+
+
+def positive_ints(v: str) -> Optional[str]:
+    try:
+        vals = ints(v)
+    except ValueError:
+        return f"expected a comma list of integers, not {v!r}"
+    return None if vals and min(vals) > 0 else f"expected positive integers, not {v!r}"
+
+
+def output_folder(v: str) -> Optional[str]:
+    if not v.strip():
+        return "must not be empty"
+    return f"{v} exists and is not a folder" if Path(v).exists() and not Path(v).is_dir() else None
+
+
+def sized(key: str, help: str, check=positive):
+    """A size setting whose default is the preset's (PRESETS, with or without --quick)."""
+    return setting(None, f"{help} (automatic: {PRESETS['full'][key]}; with --quick: {PRESETS['quick'][key]})",
+                   check=check)
+
+
+@dataclass
+class EvalConfig:
+    """What eval.py measures and how big (the model settings are a RunConfig, the absorption recipe
+    an AbsorbConfig)."""
+    quick: bool = setting(False, "small sizes and few steps: under 10 minutes on 2 CPU cores")
+    only: Optional[str] = setting(None, "comma list of sections to run: lm,facts,tasks,cost (automatic: all; tasks "
+                                  "only when --tasks is given)", check=comma_list(SECTIONS, empty_ok=False))
+    methods: str = setting(",".join(METHODS), "comma list of methods", check=comma_list(METHODS, empty_ok=False))
+    out: str = setting("eval_out", "output folder for results.json, results.md and the plots", check=output_folder)
+    docs: Optional[tuple] = setting(None, "long UTF-8 text files for the lm and cost sections (automatic: a "
+                                    "generated story)")
+    tasks: Optional[str] = setting(None, 'JSONL file of {"context", "question", "answer"} for the tasks section')
+    tasks_limit: int = setting(0, "use only the first N tasks (0 = all)", check=non_negative)
+    context: Optional[int] = sized("context", "lm: context tokens C before the evaluated span")
+    eval_len: Optional[int] = sized("eval_len", "lm: evaluated tokens E after the context (never trained on)")
+    window: Optional[int] = sized("window", "W: tokens kept in the attention window by the window and absorbing "
+                                  "methods")
+    lm_segments: Optional[int] = sized("lm_segments", "lm: segments (C + E tokens) per document")
+    buckets: int = setting(8, "lm: position buckets for NLL vs position", check=positive)
+    fact_lengths: Optional[str] = sized("fact_lengths", "facts: document lengths in tokens, comma list",
+                                        check=positive_ints)
+    facts_per_doc: Optional[int] = sized("facts_per_doc", "facts: facts per document (beginning/middle/end in turn)")
+    fact_docs: Optional[int] = sized("fact_docs", "facts: documents per length")
+    answer_tokens: Optional[int] = sized("answer_tokens", "max tokens of a generated answer")
+    cost_lengths: Optional[str] = sized("cost_lengths", "cost: context lengths for inference memory/latency, comma "
+                                        "list", check=positive_ints)
+    cost_tokens: Optional[int] = sized("cost_tokens", "cost: tokens absorbed for the absorption measurement")
+    cost_steps: Optional[int] = sized("cost_steps", "cost: optimizer steps for the absorption measurement",
+                                      check=non_negative)
+    decode_tokens: Optional[int] = sized("decode_tokens", "cost: tokens decoded per latency measurement")
+    steps: Optional[int] = sized("steps", "optimizer steps per absorbed window", check=non_negative)
+    batch_tokens: Optional[int] = sized("batch_tokens", "Y tokens per optimizer step (0 = all)", check=non_negative)
+
+    def __post_init__(self):
+        validate(self)
+        if self.only and "tasks" in names(self.only) and not self.tasks:
+            raise ConfigError("only", "the tasks section needs --tasks FILE.jsonl")
+        if self.window is not None and self.context is not None and self.window >= self.context:
+            raise ConfigError("window", f"must be smaller than --context ({self.context}), not {self.window}")
+
+    def sized(self) -> "EvalConfig":
+        """This config with the preset's sizes where none were given, and the sections resolved."""
+        preset = PRESETS["quick" if self.quick else "full"]
+        only = self.only or ",".join(s for s in SECTIONS if s != "tasks" or self.tasks)
+        return replace(self, only=only, **{k: v for k, v in preset.items() if getattr(self, k) is None})
+
+    def sections(self) -> list[str]:
+        return [s for s in SECTIONS if s in names(self.only or "")]
+
+
+RECIPE_SKIP = ("objective", "loss", "steps", "batch_tokens")   # set per method / by the preset
+
+
+def build_parser() -> Parser:
+    p = Parser(prog="eval.py", description=__doc__)
+    add_flags(p, RunConfig, title="model")
+    add_flags(p, EvalConfig, skip=("docs",), title="evaluation")
+    p.add_argument("--docs", nargs="+", default=None, help=EvalConfig.__dataclass_fields__["docs"].metadata["help"])
+    add_flags(p, AbsorbConfig, skip=RECIPE_SKIP,
+              title="absorption recipe (every absorbing method; --methods sets the objective and loss)")
+    return p
+
+
+def parse(p: Parser, argv=None) -> tuple[RunConfig, EvalConfig, AbsorbConfig]:
+    """The three configurations from the command line; a bad value or combination is one line
+    through p.error (exit status 2)."""
+    ns = p.parse_args(argv)
+    run_cfg = build(p, RunConfig, ns)
+    cfg = build(p, EvalConfig, ns, skip=("docs",))
+    base = build(p, AbsorbConfig, ns, skip=RECIPE_SKIP)
+    try:
+        cfg = replace(cfg, docs=tuple(ns.docs) if ns.docs else None).sized()
+    except ConfigError as e:
+        p.error(f"argument {flag_name(e.name)}: {e.problem}")
+    return run_cfg, cfg, replace(base, steps=cfg.steps, batch_tokens=cfg.batch_tokens)
+
+
+def read_inputs(p: Parser, run_cfg: RunConfig, cfg: EvalConfig) -> tuple[list, list]:
+    """([(path, text)] of --docs, the --tasks list), read before the slow model load; a missing or
+    malformed file is one line through p.error."""
+    try:
+        check_ckpt(run_cfg)
+        check_output_path(Path(cfg.out) / "results.json", "results")
+        doc_texts = [(path, read_text_file(path)) for path in cfg.docs or ()]
+        tasks = load_tasks(cfg.tasks)[:cfg.tasks_limit or None] if cfg.tasks else []
+    except UserError as e:
+        p.error(str(e))
+    return doc_texts, tasks
 
 
 def say(msg: str) -> None:
@@ -147,74 +238,114 @@ def step_logger(tag: str, steps: int):
     return log
 
 
+def lr_text(base: AbsorbConfig) -> str:
+    return f"{base.lr:g}" if base.lr else f"{RAW_TEXT_LR:g} (lm, raw-text Y) / {PROBE_LR:g} (QA sections, chat probes)"
+
+
 # ------------------------------------------------------------------------------------------
 # Streaming language modelling
 # ------------------------------------------------------------------------------------------
 
-def lm_documents(args, tok) -> list:
-    """[(name, [segment ids, ...])]: from --docs, or one generated story."""
-    n = args.context + args.eval_len
-    if args.docs:
-        return [(Path(p).name, ev.document_segments(text, tok, n, args.lm_segments, p)) for p, text in args.doc_texts]
+def lm_documents(tok, cfg: EvalConfig, seed: int, doc_texts: list) -> list:
+    """[(name, [segment ids, ...])]: from the --docs texts, or one generated story."""
+    n = cfg.context + cfg.eval_len
+    if doc_texts:
+        return [(Path(p).name, document_segments(text, tok, n, cfg.lm_segments, p)) for p, text in doc_texts]
     count = lambda s: len(tok.encode(s))  # noqa: E731
-    segs = [tok.encode(ev.make_story(args.seed + k, n + 64, count))[:n] for k in range(args.lm_segments)]
+    segs = [tok.encode(make_story(seed + k, n + 64, count))[:n] for k in range(cfg.lm_segments)]
     return [("generated story", segs)]
 
 
-def lr_text(args) -> str:
-    return f"{args.lr:g}" if args.lr else f"{RAW_TEXT_LR:g} (lm, raw-text Y) / {PROBE_LR:g} (QA sections, chat probes)"
+def absorb_dropped(model, ids: list[int], keep: int, cfg: AbsorbConfig, prefix: list[int] = (),
+                   log: Optional[Callable[[dict], None]] = None) -> list:
+    """Algorithm 2 over the text that has left a window of `keep` tokens: the X windows tile
+    ids[:-keep] (cfg.chunk tokens each); each X's Y is the cfg.sync_len real tokens after it, so
+    the last X is synchronised on text inside the kept window (never on anything later)."""
+    n_drop = len(ids) - keep
+    if n_drop <= 0:
+        return []
+    wins = chunk_windows(n_drop, cfg.chunk, cfg.sync_len)
+    out = []
+    for ci, (s, e, _) in enumerate(wins):
+        y = list(ids[e:min(e + cfg.sync_len, len(ids))])
+        groups = [(list(prefix), list(ids[s:e]), [y] if y else [])]
+        cb = (lambda d, ci=ci: log({**d, "chunk": ci + 1, "chunks": len(wins)})) if log else None
+        out.append(absorb_chunk(model, groups, cfg, cb))
+    return out
 
 
-def run_lm(model, tok, args, methods, base_cfg) -> dict:
+def lm_segment(model, prefix: list, ids: list, cfg: EvalConfig, base: AbsorbConfig, methods) -> tuple[dict, dict]:
+    """Score one segment (C context tokens, then E evaluated ones) with every method:
+    ({method: {"nll", "kl", "absorb"}}, {name: per-token NLL tensor}), the references "full"
+    and "none" always included (the recovered fraction needs them)."""
+    C, W = cfg.context, cfg.window
+    ctx, target = ids[:C], ids[C:]
+    reset_lora(model, base.seed)
+    refs = {"full": lm_logprobs(model, prefix, ctx, target), "none": lm_logprobs(model, prefix, [], target)}
+    nlls = {k: token_nlls(v, target) for k, v in refs.items()}
+    scores = {}
+    for m in methods:
+        reset_lora(model, base.seed)
+        t0, absorbed = time.time(), None
+        if m.kind == "absorb":
+            mcfg = method_config(base, m)
+            res = absorb_dropped(model, ctx, W, mcfg, prefix, step_logger(f"[lm] {m.name}", mcfg.steps))
+            absorbed = {"tokens": C - W, "windows": len(res), "steps": sum(r.steps for r in res),
+                        "seconds": time.time() - t0, "first_loss": res[0].first_loss, "final_loss": res[-1].final_loss}
+        logp = refs.get(m.kind)
+        if logp is None:
+            logp = lm_logprobs(model, prefix, ctx[-W:], target)   # window, or absorbed + window
+            nlls[m.name] = token_nlls(logp, target)
+        s = continuation_scores({**refs, m.name: logp}, target)[m.name]
+        scores[m.name] = {"nll": s["nll"], "kl": s["kl"], "absorb": absorbed}
+        say(f"[lm]   {m.label:22s} NLL {s['nll']:.4f}  KL {s['kl']:.4f}"
+            + (f"  (absorbed {C - W} tokens in {absorbed['seconds']:.0f}s)" if absorbed else ""))
+    return scores, nlls
+
+
+def lm_summary(segments: list, per_token: dict, methods: list) -> dict:
+    """Per method: NLL over every evaluated token, perplexity, mean KL from the full-context
+    model, fraction of the context effect recovered (references "full" and "none" in
+    per_token) and absorption seconds per 1k tokens."""
+    nll = {n: float(torch.cat(v).mean()) for n, v in per_token.items()}
+    out = {}
+    for m in methods:
+        rows = [s["methods"][m.name] for s in segments]
+        ab = [r["absorb"] for r in rows if r["absorb"]]
+        secs, toks = sum(a["seconds"] for a in ab), sum(a["tokens"] for a in ab)
+        out[m.name] = {"label": m.label, "nll": nll[m.name], "ppl": math.exp(nll[m.name]),
+                       "kl": mean(r["kl"] for r in rows),
+                       "recovered": recovered(nll["none"], nll["full"], nll[m.name]),
+                       "absorb_seconds_per_1k_tokens": secs / toks * 1000 if toks else None}
+    return out
+
+
+def run_lm(model, tok, cfg: EvalConfig, base: AbsorbConfig, methods, doc_texts: list) -> dict:
     prefix = [tok.bos_id] if tok.add_bos and tok.bos_id is not None else []
-    if len(prefix) + args.context + args.eval_len > model.cfg.max_seq_len:
-        raise UserError(f"--context + --eval-len = {args.context + args.eval_len} exceeds the model's "
+    if len(prefix) + cfg.context + cfg.eval_len > model.cfg.max_seq_len:
+        raise UserError(f"--context + --eval-len = {cfg.context + cfg.eval_len} exceeds the model's "
                         f"{model.cfg.max_seq_len}-token context")
-    C, W = args.context, args.window
     segments, per_token = [], {}        # per_token[name]: one (E-1,) NLL tensor per segment
-    docs = lm_documents(args, tok)
+    docs = lm_documents(tok, cfg, base.seed, doc_texts)
     for name, segs in docs:
         for si, ids in enumerate(segs):
-            ctx, target = ids[:C], ids[C:]
-            say(f"[lm] {name} segment {si + 1}/{len(segs)}: context {C}, window {W}, evaluated {len(target)} tokens")
-            reset_lora(model, args.seed)
-            # the two references of the recovered fraction are always measured, selected or not
-            refs = {"full": ev.lm_logprobs(model, prefix, ctx, target),
-                    "none": ev.lm_logprobs(model, prefix, [], target)}
-            for ref, logp in refs.items():
-                per_token.setdefault(ref, []).append(ev.token_nlls(logp, target))
-            row = {"document": name, "segment": si, "methods": {}}
-            for m in methods:
-                reset_lora(model, args.seed)
-                t0, absorbed = time.time(), None
-                if m.kind == "absorb":
-                    cfg = ev.method_config(base_cfg, m)
-                    res = ev.absorb_dropped(model, ctx, W, cfg, prefix, step_logger(f"[lm] {m.name}", cfg.steps))
-                    absorbed = {"tokens": C - W, "windows": len(res), "steps": sum(r.steps for r in res),
-                                "seconds": time.time() - t0, "first_loss": res[0].first_loss,
-                                "final_loss": res[-1].final_loss}
-                if m.kind in refs:
-                    logp, nlls = refs[m.kind], per_token[m.kind][-1]
-                else:
-                    logp = ev.lm_logprobs(model, prefix, ctx[-W:], target)   # window, or absorbed + window
-                    nlls = ev.token_nlls(logp, target)
-                    per_token.setdefault(m.name, []).append(nlls)
-                kl = float(ev.token_kls(refs["full"], logp).mean())
-                row["methods"][m.name] = {"nll": float(nlls.mean()), "kl": kl, "absorb": absorbed}
-                say(f"[lm]   {m.label:22s} NLL {float(nlls.mean()):.4f}  KL {kl:.4f}"
-                    + (f"  (absorbed {C - W} tokens in {absorbed['seconds']:.0f}s)" if absorbed else ""))
-            segments.append(row)
-    reset_lora(model, args.seed)
+            say(f"[lm] {name} segment {si + 1}/{len(segs)}: context {cfg.context}, window {cfg.window}, "
+                f"evaluated {len(ids) - cfg.context} tokens")
+            scores, nlls = lm_segment(model, prefix, ids, cfg, base, methods)
+            for k, v in nlls.items():
+                per_token.setdefault(k, []).append(v)
+            segments.append({"document": name, "segment": si, "methods": scores})
+    reset_lora(model, base.seed)
     return {"documents": [{"name": n, "segments": len(s)} for n, s in docs], "segments": segments,
-            "summary": ev.lm_summary(segments, per_token, methods),
-            "position": ev.nll_by_position({m.name: per_token[m.name] for m in methods}, args.buckets)}
+            "summary": lm_summary(segments, per_token, methods),
+            "position": nll_by_position({m.name: per_token[m.name] for m in methods}, cfg.buckets)}
 
 
 # ------------------------------------------------------------------------------------------
 # Question answering (facts and tasks share this)
 # ------------------------------------------------------------------------------------------
 
-def answer_all(model, tok, items: list, methods, base_cfg, args, tag: str) -> list:
+def answer_all(model, tok, items: list, methods, base: AbsorbConfig, cfg: EvalConfig, tag: str) -> list:
     """items: [{"context": str, "questions": [{"question", "answers", ...meta}], ...meta}].
     Every method answers every question; absorbing methods absorb each context first (fresh LoRA)
     and answer without it. Returns one row per (item, question, method)."""
@@ -222,35 +353,37 @@ def answer_all(model, tok, items: list, methods, base_cfg, args, tag: str) -> li
     for ii, item in enumerate(items):
         ctx = item["context"]
         ctx_ids = tok.encode(ctx)
-        window_text = tok.decode(ctx_ids[-args.window:])
         say(f"[{tag}] document {ii + 1}/{len(items)}: {len(ctx_ids)} tokens, {len(item['questions'])} question(s)")
         for m in methods:
-            reset_lora(model, args.seed)
+            reset_lora(model, base.seed)
             absorbed = None
             if m.kind == "absorb":
-                cfg = ev.method_config(base_cfg, m)
+                mcfg = method_config(base, m)
                 t0 = time.time()
-                log = step_logger(f"[{tag}] {m.name}", cfg.steps)
-                res = absorb_text(model, tok, ctx, cfg, probes=args.probes, log=log)
+                res = absorb_text(model, tok, ctx, mcfg, log=step_logger(f"[{tag}] {m.name}", mcfg.steps))
                 absorbed = {"tokens": len(ctx_ids), "steps": sum(r.steps for r in res), "seconds": time.time() - t0}
-            doc = {"full": ctx, "window": window_text}.get(m.kind)
+            doc = {"full": ctx, "window": tok.decode(ctx_ids[-cfg.window:])}.get(m.kind)
+            item_meta = {k: v for k, v in item.items() if k not in ("context", "questions")}
             for q in item["questions"]:
                 meta = {k: v for k, v in q.items() if k not in ("question", "answers")}
-                row = {"item": ii, "method": m.name, "question": q["question"], "answers": q["answers"],
-                       "context_tokens": len(ctx_ids), "absorb": absorbed, **meta,
-                       **{k: v for k, v in item.items() if k not in ("context", "questions")}}
-                if len(question_ids(tok, q["question"], doc)) + args.answer_tokens > model.cfg.max_seq_len:
-                    row.update(prediction=None, skipped="prompt longer than the model's context")
-                else:
-                    with torch.no_grad():
-                        pred = answer(model, tok, q["question"], doc=doc, max_tokens=args.answer_tokens)
-                    row.update(prediction=pred, **ev.qa_scores(pred, q["answers"]))
-                rows.append(row)
+                rows.append({"item": ii, "method": m.name, "question": q["question"], "answers": q["answers"],
+                             "context_tokens": len(ctx_ids), "absorb": absorbed, **meta, **item_meta,
+                             **answer_scored(model, tok, q, doc, cfg.answer_tokens)})
             got = [r for r in rows if r["item"] == ii and r["method"] == m.name and r.get("prediction") is not None]
             say(f"[{tag}]   {m.label:22s} correct {sum(r['lenient'] for r in got):.0f}/{len(got)} (lenient)"
                 + (f"  (absorbed in {absorbed['seconds']:.0f}s)" if absorbed else ""))
-    reset_lora(model, args.seed)
+    reset_lora(model, base.seed)
     return rows
+
+
+def answer_scored(model, tok, q: dict, doc: Optional[str], max_tokens: int) -> dict:
+    """One question answered (doc in the prompt, or none) and scored: {"prediction", "lenient",
+    "strict", "f1"}, or prediction None and "skipped" when the prompt does not fit the model."""
+    if len(question_ids(tok, q["question"], doc)) + max_tokens > model.cfg.max_seq_len:
+        return {"prediction": None, "skipped": "prompt longer than the model's context"}
+    with torch.no_grad():
+        pred = answer(model, tok, q["question"], doc=doc, max_tokens=max_tokens)
+    return {"prediction": pred, **qa_scores(pred, q["answers"])}
 
 
 def qa_summary(rows: list, methods, by: tuple = ()) -> dict:
@@ -261,231 +394,432 @@ def qa_summary(rows: list, methods, by: tuple = ()) -> dict:
         ab = {(r["item"]): r["absorb"] for r in mine if r["absorb"]}
         toks, secs = sum(a["tokens"] for a in ab.values()), sum(a["seconds"] for a in ab.values())
         s = {"label": m.label, "n": len(mine), "skipped": sum(1 for r in rows if r["method"] == m.name) - len(mine),
-             "lenient": ev.mean(r["lenient"] for r in mine), "strict": ev.mean(r["strict"] for r in mine),
-             "f1": ev.mean(r["f1"] for r in mine),
+             "lenient": mean(r["lenient"] for r in mine), "strict": mean(r["strict"] for r in mine),
+             "f1": mean(r["f1"] for r in mine),
              "absorb_seconds_per_1k_tokens": secs / toks * 1000 if toks else None}
         for key in by:
             groups = sorted({r[key] for r in mine}, key=lambda v: (isinstance(v, str), v))
-            s[f"by_{key}"] = {str(g): ev.mean(r["lenient"] for r in mine if r[key] == g) for g in groups}
+            s[f"by_{key}"] = {str(g): mean(r["lenient"] for r in mine if r[key] == g) for g in groups}
         out[m.name] = s
     return out
 
 
-def run_facts(model, tok, args, methods, base_cfg) -> dict:
+def run_facts(model, tok, cfg: EvalConfig, base: AbsorbConfig, methods) -> dict:
     count = lambda s: len(tok.encode(s))  # noqa: E731
     items = []
-    for li, length in enumerate(args.fact_lengths):
-        for k in range(args.fact_docs):
-            doc = ev.make_fact_doc(args.seed * 1000 + 100 * li + k, length, args.facts_per_doc, count)
+    for li, length in enumerate(ints(cfg.fact_lengths)):
+        for k in range(cfg.fact_docs):
+            doc = make_fact_doc(base.seed * 1000 + 100 * li + k, length, cfg.facts_per_doc, count)
             items.append({"context": doc.text, "length": length, "seed": doc.seed,
                           "questions": [{"question": f.question, "answers": f.answers, "position": f.position}
                                         for f in doc.facts]})
-    rows = answer_all(model, tok, items, methods, base_cfg, args, "facts")
+    rows = answer_all(model, tok, items, methods, base, cfg, "facts")
     return {"documents": [{"length": it["length"], "seed": it["seed"], "tokens": count(it["context"]),
                            "text": it["context"]} for it in items],
             "rows": rows, "summary": qa_summary(rows, methods, by=("length", "position"))}
 
 
-def run_tasks(model, tok, args, methods, base_cfg) -> dict:
-    tasks = args.task_items
+def run_tasks(model, tok, cfg: EvalConfig, base: AbsorbConfig, methods, tasks: list) -> dict:
     items = [{"context": t["context"], "line": t["line"],
               "questions": [{"question": t["question"], "answers": t["answers"]}]} for t in tasks]
-    rows = answer_all(model, tok, items, methods, base_cfg, args, "tasks")
-    return {"file": str(args.tasks), "n_tasks": len(tasks), "rows": rows, "summary": qa_summary(rows, methods)}
+    rows = answer_all(model, tok, items, methods, base, cfg, "tasks")
+    return {"file": str(cfg.tasks), "n_tasks": len(tasks), "rows": rows, "summary": qa_summary(rows, methods)}
 
 
 # ------------------------------------------------------------------------------------------
 # Cost
 # ------------------------------------------------------------------------------------------
 
-def cost_text_ids(args, tok, n: int) -> list:
+def cost_text_ids(tok, n: int, seed: int, doc_texts: list) -> list:
     """n tokens of realistic text: the first --docs file, else a generated story."""
-    if args.docs:
-        path, text = args.doc_texts[0]
-        return ev.document_segments(text, tok, n, 1, path)[0]
-    ids = tok.encode(ev.make_story(args.seed + 1, n + 64, lambda s: len(tok.encode(s))))
+    if doc_texts:
+        path, text = doc_texts[0]
+        return document_segments(text, tok, n, 1, path)[0]
+    ids = tok.encode(make_story(seed + 1, n + 64, lambda s: len(tok.encode(s))))
     return ids[:n]
-
-
-def run_cost(model, tok, args, methods, base_cfg) -> dict:
-    common = {"ckpt": args.ckpt, "device": args.device, "dtype": args.dtype, "attn": args.attn, "threads": args.threads,
-              "rank": args.rank, "alpha": args.alpha, "targets": args.targets}
-    notes = []
-    absorb_rows = []
-    text = tok.decode(cost_text_ids(args, tok, args.cost_tokens))
-    for m in [m for m in methods if m.kind == "absorb"]:
-        # the recipe's own Y batch (absorb.py's), so that the peak is the same at every step
-        cfg = replace(ev.method_config(base_cfg, m), steps=args.cost_steps, batch_tokens=D.batch_tokens)
-        say(f"[cost] absorbing {args.cost_tokens} tokens with {m.label}, {cfg.steps} steps (fresh process) ...")
-        r = ev.run_isolated({"kind": "absorb", **common, "cfg": asdict(cfg), "text": text, "probes": args.probes})
-        absorb_rows.append({"method": m.name, "label": m.label, **r})
-        say(f"[cost]   {r['seconds']:.1f}s ({r['seconds_per_1k_tokens']:.1f}s per 1k tokens), peak "
-            f"{ev.mib(r['memory_peak_bytes']):.0f} MiB, +{ev.mib(r['memory_extra_bytes']):.0f} MiB over the "
-            f"loaded model")
-    limit = model.cfg.max_seq_len - args.decode_tokens
-    lengths = sorted({min(L, limit) for L in args.cost_lengths})
-    if max(args.cost_lengths) > limit:
-        notes.append(f"context lengths above {limit} (model context {model.cfg.max_seq_len} minus "
-                     f"{args.decode_tokens} decoded tokens) were measured at {limit}")
-    if args.quick and max(args.cost_lengths) < 8192:
-        notes.append("--quick: the 8k-token point is dropped (prefill of 8k tokens is slow on CPU); "
-                     "run without --quick or with --cost-lengths 1024,2048,4096,8192 for it")
-    ids = cost_text_ids(args, tok, max(lengths)) if args.docs else _repeat(cost_text_ids(args, tok, 2048), max(lengths))
-    infer_rows = []
-    for L in lengths:
-        for mode in ("full", "absorbed"):
-            window = min(args.window, L)
-            say(f"[cost] inference, context {L} tokens, {mode}" + (f" (window {window})" if mode == "absorbed" else "")
-                + f": decode {args.decode_tokens} tokens (fresh process) ...")
-            r = ev.run_isolated({"kind": "inference", **common, "mode": mode, "ids": ids[:L], "window": window,
-                                 "decode_tokens": args.decode_tokens})
-            infer_rows.append({"context_tokens": L, "mode": mode, **r})
-            say(f"[cost]   KV cache {ev.mib(r['kv_cache_bytes']):.1f} MiB, "
-                f"peak +{ev.mib(r['memory_extra_bytes']):.0f} MiB, "
-                f"prefill {r['prefill_seconds']:.2f}s, decode {r['decode_ms_per_token_median']:.1f} ms/token (median)")
-    return {"absorb": absorb_rows, "inference": infer_rows, "notes": notes,
-            "absorb_text_tokens": args.cost_tokens, "window": args.window}
 
 
 def _repeat(ids: list, n: int) -> list:
     return (ids * (n // max(1, len(ids)) + 1))[:n]
 
 
+def cost_absorb(tok, cfg: EvalConfig, base: AbsorbConfig, methods, run_spec: dict, doc_texts: list) -> list:
+    """Absorption wall time and peak memory of each absorbing method, each in a fresh process."""
+    rows = []
+    text = tok.decode(cost_text_ids(tok, cfg.cost_tokens, base.seed, doc_texts))
+    for m in [m for m in methods if m.kind == "absorb"]:
+        # the recipe's own Y batch (absorb.py's), so that the peak is the same at every step
+        mcfg = replace(method_config(base, m), steps=cfg.cost_steps, batch_tokens=_RECIPE_DEFAULTS.batch_tokens)
+        say(f"[cost] absorbing {cfg.cost_tokens} tokens with {m.label}, {mcfg.steps} steps (fresh process) ...")
+        r = run_isolated({"kind": "absorb", "run": run_spec, "cfg": asdict(mcfg), "text": text})
+        rows.append({"method": m.name, "label": m.label, **r})
+        say(f"[cost]   {r['seconds']:.1f}s ({r['seconds_per_1k_tokens']:.1f}s per 1k tokens), peak "
+            f"{mib(r['memory_peak_bytes']):.0f} MiB, +{mib(r['memory_extra_bytes']):.0f} MiB over the loaded model")
+    return rows
+
+
+def cost_inference(tok, cfg: EvalConfig, base: AbsorbConfig, lengths: list, run_spec: dict, doc_texts: list) -> list:
+    """Decode latency and peak memory at each context length, full context vs absorbed (window
+    + merged adapter), each in a fresh process."""
+    top = max(lengths)
+    seed = base.seed
+    ids = cost_text_ids(tok, top, seed, doc_texts) if doc_texts else _repeat(cost_text_ids(tok, 2048, seed, []), top)
+    rows = []
+    for L in lengths:
+        for mode in ("full", "absorbed"):
+            window = min(cfg.window, L)
+            say(f"[cost] inference, context {L} tokens, {mode}" + (f" (window {window})" if mode == "absorbed" else "")
+                + f": decode {cfg.decode_tokens} tokens (fresh process) ...")
+            r = run_isolated({"kind": "inference", "run": run_spec, "lora": asdict(base.lora), "mode": mode,
+                              "ids": ids[:L], "window": window, "decode_tokens": cfg.decode_tokens})
+            rows.append({"context_tokens": L, "mode": mode, **r})
+            say(f"[cost]   KV cache {mib(r['kv_cache_bytes']):.1f} MiB, peak +{mib(r['memory_extra_bytes']):.0f} MiB, "
+                f"prefill {r['prefill_seconds']:.2f}s, decode {r['decode_ms_per_token_median']:.1f} ms/token (median)")
+    return rows
+
+
+def run_cost(model, tok, cfg: EvalConfig, base: AbsorbConfig, methods, run_cfg: RunConfig, doc_texts: list) -> dict:
+    # the measurement processes use this process's model settings and thread count
+    run_spec = asdict(replace(run_cfg, threads=torch.get_num_threads()))
+    absorb_rows = cost_absorb(tok, cfg, base, methods, run_spec, doc_texts)
+    notes = []
+    wanted = ints(cfg.cost_lengths)
+    limit = model.cfg.max_seq_len - cfg.decode_tokens
+    lengths = sorted({min(L, limit) for L in wanted})
+    if max(wanted) > limit:
+        notes.append(f"context lengths above {limit} (model context {model.cfg.max_seq_len} minus "
+                     f"{cfg.decode_tokens} decoded tokens) were measured at {limit}")
+    if cfg.quick and max(wanted) < 8192:
+        notes.append("--quick: the 8k-token point is dropped (prefill of 8k tokens is slow on CPU); "
+                     "run without --quick or with --cost-lengths 1024,2048,4096,8192 for it")
+    infer_rows = cost_inference(tok, cfg, base, lengths, run_spec, doc_texts)
+    return {"absorb": absorb_rows, "inference": infer_rows, "notes": notes,
+            "absorb_text_tokens": cfg.cost_tokens, "window": cfg.window}
+
+
 # ------------------------------------------------------------------------------------------
 # Report
 # ------------------------------------------------------------------------------------------
 
-def markdown(res: dict, args, plots: dict) -> str:
-    f = ev.fmt
-    env, out = res["environment"], []
-    out.append("## Results\n")
-    out.append(f"`{res['command']}` on {env['date']}: {res['model']['name']}, {res['model']['params_m']:.0f}M "
-               f"parameters, {env['device']}, {env['torch_threads']} torch thread(s) on {env['cpu_count']} CPU(s) "
-               f"({env['machine']}), torch {env['torch']}, python {env['python']}, commit "
-               f"{(env['git_commit'] or 'unknown')[:10]}{' (dirty)' if env['git_dirty'] else ''}. "
-               f"LoRA rank {args.rank}, alpha {args.alpha:g}, targets {args.targets}; {args.steps} optimizer steps per "
-               f"absorbed window (n = {args.chunk}, m = {args.sync_len}), "
-               f"lr {lr_text(args)}, "
-               f"{args.batch_tokens or 'all'} Y tokens per step, window W = {args.window} tokens.\n")
+def fmt(x, spec: str = ".3f") -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "n/a"
+    return format(x, spec)
+
+
+def markdown_table(headers: list[str], rows: list[list]) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def mib(b) -> Optional[float]:
+    return None if b is None else b / 2 ** 20
+
+
+def md_header(res: dict, cfg: EvalConfig, base: AbsorbConfig) -> str:
+    env, lora = res["environment"], base.lora
+    return (f"## Results\n\n`{res['command']}` on {env['date']}: {res['model']['name']}, "
+            f"{res['model']['params_m']:.0f}M parameters, {env['device']}, {env['torch_threads']} torch thread(s) on "
+            f"{env['cpu_count']} CPU(s) ({env['machine']}), torch {env['torch']}, python {env['python']}, commit "
+            f"{(env['git_commit'] or 'unknown')[:10]}{' (dirty)' if env['git_dirty'] else ''}. "
+            f"LoRA rank {lora.rank}, alpha {lora.alpha:g}, targets {lora.targets}; {base.steps} optimizer steps per "
+            f"absorbed window (n = {base.chunk}, m = {base.sync_len}), lr {lr_text(base)}, "
+            f"{base.batch_tokens or 'all'} Y tokens per step, window W = {cfg.window} tokens.\n")
+
+
+def md_lm(lm: dict, cfg: EvalConfig, plots: dict) -> list[str]:
+    docs = ", ".join(f"{d['name']} ({d['segments']} segment(s))" for d in lm["documents"])
+    out = [f"### Streaming language modelling\n\n{docs}; context C = {cfg.context} tokens, then "
+           f"E = {cfg.eval_len} unseen tokens scored. Absorbing methods absorb the first C - W = "
+           f"{cfg.context - cfg.window} tokens and keep the last W in the window.\n"]
+    rows = [[s["label"], fmt(s["nll"], ".4f"), fmt(s["ppl"], ".2f"), fmt(s["kl"], ".4f"), fmt(s["recovered"], ".3f"),
+             fmt(s["absorb_seconds_per_1k_tokens"], ".1f")] for s in lm["summary"].values()]
+    out.append(markdown_table(["method", "NLL (nats/tok)", "ppl", "KL from full", "recovered", "absorb s / 1k tok"],
+                              rows))
+    if "lm" in plots:
+        out.append(f"\n![NLL vs position]({plots['lm']})\n")
+    return out
+
+
+def md_facts(facts: dict, cfg: EvalConfig, plots: dict) -> list[str]:
+    lengths = [str(x) for x in ints(cfg.fact_lengths)]
+    n_q = len({(r['item'], r['question']) for r in facts['rows']})
+    out = [f"### Fact recall\n\n{len(facts['documents'])} generated document(s), {n_q} questions; "
+           f"absorbing methods answer with no document in the prompt. lenient = answer contained, strict = "
+           f"first line equals the answer (normalised), F1 = SQuAD token F1; per length and position: lenient.\n"]
+    rows = [[s["label"], fmt(s["lenient"], ".2f"), fmt(s["strict"], ".2f"), fmt(s["f1"], ".2f")]
+            + [fmt(s["by_length"].get(x), ".2f") for x in lengths]
+            + [fmt(s["by_position"].get(p), ".2f") for p in POSITIONS]
+            + [fmt(s["absorb_seconds_per_1k_tokens"], ".0f")] for s in facts["summary"].values()]
+    out.append(markdown_table(["method", "lenient", "strict", "F1"] + [f"len {x}" for x in lengths]
+                              + list(POSITIONS) + ["absorb s / 1k tok"], rows))
+    if "facts" in plots:
+        out.append(f"\n![fact recall]({plots['facts']})\n")
+    return out
+
+
+def md_tasks(tasks: dict) -> list[str]:
+    rows = [[s["label"], fmt(s["strict"], ".3f"), fmt(s["f1"], ".3f"), fmt(s["lenient"], ".3f"), s["skipped"]]
+            for s in tasks["summary"].values()]
+    return [f"### Tasks: {tasks['file']} ({tasks['n_tasks']} tasks)\n",
+            markdown_table(["method", "exact match", "token F1", "lenient", "skipped (too long)"], rows)]
+
+
+def md_cost(c: dict, cfg: EvalConfig, base: AbsorbConfig, plots: dict) -> list[str]:
+    out = ["### Cost\n"]
+    if c["absorb"]:
+        rows = [[r["label"], r["tokens"], r["steps"], fmt(r["seconds"], ".1f"), fmt(r["seconds_per_1k_tokens"], ".1f"),
+                 fmt(r["seconds_per_step"], ".2f"), fmt(mib(r["memory_peak_bytes"]), ".0f"),
+                 fmt(mib(r["memory_extra_bytes"]), ".0f")] for r in c["absorb"]]
+        out.append(f"Absorption of a {c['absorb_text_tokens']}-token text as absorb.py does it (probes "
+                   f"{base.probes or 'none'}, {_RECIPE_DEFAULTS.batch_tokens or 'all'} Y tokens per step), each "
+                   f"method in a fresh process. Wall time includes building the probes, the teacher pass, the "
+                   f"teacher-generated Y and a final loss pass, so with few steps it overstates the cost per "
+                   f"step (the LM and fact tables give the time at {base.steps} steps); memory is the "
+                   f"{c['absorb'][0]['memory_kind']}, extra = above the loaded model:\n")
+        out.append(markdown_table(["method", "tokens", "steps", "wall s", "s / 1k tok", "s / step", "peak MiB",
+                                   "extra MiB"], rows) + "\n")
+    rows = [[r["context_tokens"], r["mode"], r["tokens_in_window"], fmt(mib(r["kv_cache_bytes"]), ".1f"),
+             fmt(mib(r["memory_extra_bytes"]), ".0f"), fmt(r["prefill_seconds"], ".2f"),
+             fmt(r["decode_ms_per_token_median"], ".1f")] for r in c["inference"]]
+    out.append(f"Inference: decode {cfg.decode_tokens} tokens greedily after the context; full = KV cache of "
+               f"the whole context, absorbed = last W tokens + merged adapter:\n")
+    out.append(markdown_table(["context", "mode", "tokens in KV", "KV cache MiB", "peak extra MiB", "prefill s",
+                               "decode ms / tok (median)"], rows))
+    out += [f"\nNote: {n}" for n in c["notes"]]
+    if "cost" in plots:
+        out.append(f"\n![memory and latency]({plots['cost']})\n")
+    return out
+
+
+def markdown(res: dict, cfg: EvalConfig, base: AbsorbConfig, plots: dict) -> str:
+    out = [md_header(res, cfg, base)]
     if "lm" in res:
-        lm = res["lm"]
-        docs = ", ".join(f"{d['name']} ({d['segments']} segment(s))" for d in lm["documents"])
-        out.append(f"### Streaming language modelling\n\n{docs}; context C = {args.context} tokens, then "
-                   f"E = {args.eval_len} unseen tokens scored. Absorbing methods absorb the first C - W = "
-                   f"{args.context - args.window} tokens and keep the last W in the window.\n")
-        rows = [[s["label"], f(s["nll"], ".4f"), f(s["ppl"], ".2f"), f(s["kl"], ".4f"), f(s["recovered"], ".3f"),
-                 f(s["absorb_seconds_per_1k_tokens"], ".1f")] for s in lm["summary"].values()]
-        out.append(ev.markdown_table(["method", "NLL (nats/tok)", "ppl", "KL from full", "recovered",
-                                      "absorb s / 1k tok"], rows))
-        if "lm" in plots:
-            out.append(f"\n![NLL vs position]({plots['lm']})\n")
+        out += md_lm(res["lm"], cfg, plots)
     if "facts" in res:
-        fs = res["facts"]["summary"]
-        lengths = [str(x) for x in args.fact_lengths]
-        n_q = len({(r['item'], r['question']) for r in res['facts']['rows']})
-        out.append(f"### Fact recall\n\n{len(res['facts']['documents'])} generated document(s), {n_q} questions; "
-                   f"absorbing methods answer with no document in the prompt. lenient = answer contained, strict = "
-                   f"first line equals the answer (normalised), F1 = SQuAD token F1; per length and position: "
-                   f"lenient.\n")
-        rows = [[s["label"], f(s["lenient"], ".2f"), f(s["strict"], ".2f"), f(s["f1"], ".2f")]
-                + [f(s["by_length"].get(x), ".2f") for x in lengths]
-                + [f(s["by_position"].get(p), ".2f") for p in ev.POSITIONS]
-                + [f(s["absorb_seconds_per_1k_tokens"], ".0f")] for s in fs.values()]
-        out.append(ev.markdown_table(["method", "lenient", "strict", "F1"] + [f"len {x}" for x in lengths]
-                                     + list(ev.POSITIONS) + ["absorb s / 1k tok"], rows))
-        if "facts" in plots:
-            out.append(f"\n![fact recall]({plots['facts']})\n")
+        out += md_facts(res["facts"], cfg, plots)
     if "tasks" in res:
-        ts = res["tasks"]["summary"]
-        out.append(f"### Tasks: {res['tasks']['file']} ({res['tasks']['n_tasks']} tasks)\n")
-        rows = [[s["label"], f(s["strict"], ".3f"), f(s["f1"], ".3f"), f(s["lenient"], ".3f"), s["skipped"]]
-                for s in ts.values()]
-        out.append(ev.markdown_table(["method", "exact match", "token F1", "lenient", "skipped (too long)"], rows))
+        out += md_tasks(res["tasks"])
     if "cost" in res:
-        c = res["cost"]
-        out.append("### Cost\n")
-        if c["absorb"]:
-            rows = [[r["label"], r["tokens"], r["steps"], f(r["seconds"], ".1f"), f(r["seconds_per_1k_tokens"], ".1f"),
-                     f(r["seconds_per_step"], ".2f"), f(ev.mib(r["memory_peak_bytes"]), ".0f"),
-                     f(ev.mib(r["memory_extra_bytes"]), ".0f")] for r in c["absorb"]]
-            out.append(f"Absorption of a {c['absorb_text_tokens']}-token text as absorb.py does it (probes "
-                       f"{args.probes or 'none'}, {D.batch_tokens or 'all'} Y tokens per step), each method in a "
-                       f"fresh process. Wall time includes building the probes, the teacher pass, the "
-                       f"teacher-generated Y and a final loss pass, so with few steps it overstates the cost per "
-                       f"step (the LM and fact tables give the time at {args.steps} steps); memory is the "
-                       f"{c['absorb'][0]['memory_kind']}, extra = above the loaded model:\n")
-            out.append(ev.markdown_table(["method", "tokens", "steps", "wall s", "s / 1k tok", "s / step",
-                                          "peak MiB", "extra MiB"], rows) + "\n")
-        rows = [[r["context_tokens"], r["mode"], r["tokens_in_window"], f(ev.mib(r["kv_cache_bytes"]), ".1f"),
-                 f(ev.mib(r["memory_extra_bytes"]), ".0f"), f(r["prefill_seconds"], ".2f"),
-                 f(r["decode_ms_per_token_median"], ".1f")] for r in c["inference"]]
-        out.append(f"Inference: decode {args.decode_tokens} tokens greedily after the context; full = KV cache of "
-                   f"the whole context, absorbed = last W tokens + merged adapter:\n")
-        out.append(ev.markdown_table(["context", "mode", "tokens in KV", "KV cache MiB", "peak extra MiB",
-                                      "prefill s", "decode ms / tok (median)"], rows))
-        for n in c["notes"]:
-            out.append(f"\nNote: {n}")
-        if "cost" in plots:
-            out.append(f"\n![memory and latency]({plots['cost']})\n")
+        out += md_cost(res["cost"], cfg, base, plots)
     return "\n".join(out) + "\n"
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    print_config("eval.py", args)
-    torch.set_num_threads(args.threads)
-    set_attention_impl(args.attn)
-    methods = ev.parse_methods(args.methods)
-    # read (and validate) the input files before the slow model load
-    args.doc_texts = [(p, ev.read_text_file(p)) for p in args.docs or [] if "lm" in args.only or "cost" in args.only]
-    if "tasks" in args.only:
-        args.task_items = ev.load_tasks(args.tasks)[:args.tasks_limit or None]
-    out_dir = Path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    t_start = time.time()
-    model, tok = load(args.ckpt, device=args.device, dtype=DTYPES[args.dtype])
-    model.eval()
-    apply_lora(model, args.targets, args.rank, args.alpha)
-    base_cfg = replace(D, steps=args.steps, lr=args.lr, chunk=args.chunk, sync_len=args.sync_len,
-                       gen_tokens=args.gen_tokens, batch_tokens=args.batch_tokens, seed=args.seed)
-    n_params = sum(p.numel() for n, p in model.named_parameters() if "lora_" not in n)
-    say(f"loaded {args.ckpt or 'the default model'} ({n_params / 1e6:.0f}M parameters) in "
-        f"{time.time() - t_start:.1f}s; "
-        f"sections: {','.join(args.only)}; methods: {','.join(m.name for m in methods)}")
-    res = {"command": "python " + " ".join(["eval.py"] + (argv if argv is not None else sys.argv[1:])),
-           "config": {k: v for k, v in vars(args).items() if k not in ("task_items", "doc_texts")},
-           "absorb_config": {m.name: asdict(ev.method_config(base_cfg, m)) for m in methods if m.kind == "absorb"},
-           "model": {"name": args.ckpt or "SmolLM2-135M-Instruct (default model)", "params_m": n_params / 1e6,
-                     "config": model.cfg.to_dict()},
-           "environment": ev.environment(args.device, args.threads), "timings": {}}
-    sections = {"lm": run_lm, "facts": run_facts, "tasks": run_tasks, "cost": run_cost}
-    for name in [s for s in SECTIONS if s in args.only]:
-        t0 = time.time()
-        res[name] = sections[name](model, tok, args, methods, base_cfg)
-        res["timings"][name] = time.time() - t0
-        say(f"[{name}] done in {res['timings'][name]:.0f}s")
+def _finite(o):
+    """NaN/inf -> None, recursively (JSON has no NaN)."""
+    if isinstance(o, float):
+        return o if math.isfinite(o) else None
+    if isinstance(o, dict):
+        return {k: _finite(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)):
+        return [_finite(v) for v in o]
+    return o
 
+
+def write_json(obj: dict, path) -> Path:
+    """obj as indented JSON (NaN/inf as null, anything else unknown as its str), atomically."""
+    return atomic_write_text(path, json.dumps(_finite(obj), indent=1, default=str))
+
+
+# ------------------------------------------------------------------------------------------
+# Plots (matplotlib, Agg)
+# ------------------------------------------------------------------------------------------
+
+STYLE = {"full": ("black", "-", "o"), "none": ("grey", ":", "x"), "window": ("tab:blue", "--", "s"),
+         "absorber": ("tab:red", "-", "D"), "ntp": ("tab:green", "-", "^"), "kl": ("tab:purple", "-", "v"),
+         "hybrid": ("tab:orange", "-", "P")}
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_lm(position: dict, summary: dict, title: str, path) -> Path:
+    """Left: per-token NLL against position after the context; right: fraction of the context
+    effect recovered per method."""
+    plt = _plt()
+    fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.5), gridspec_kw={"width_ratios": [3, 2]})
+    x = position["bucket_centers"]
+    for name, ys in position["nll"].items():
+        c, ls, mk = STYLE.get(name, (None, "-", "o"))
+        a.plot(x, ys, color=c, linestyle=ls, marker=mk, label=METHODS[name].label)
+    a.set_xlabel("tokens after the end of the context (bucket centre)")
+    a.set_ylabel("NLL (nats / token)")
+    a.set_title("NLL on unseen text vs position")
+    a.grid(alpha=0.3)
+    names = [n for n in summary if METHODS[n].kind != "full"]
+    vals = [summary[n]["recovered"] if summary[n]["recovered"] is not None else math.nan for n in names]
+    lo = max(-1.0, min([v for v in vals if math.isfinite(v)] + [0.0]) - 0.1)    # clip far-negative bars
+    bars = b.bar(range(len(names)), [max(v, lo) for v in vals], color=[STYLE.get(n, ("C0",))[0] for n in names])
+    for bar, v in zip(bars, vals):
+        if math.isfinite(v):
+            y = max(v, lo)
+            b.annotate(f"{v:.2f}" + (" (off scale)" if v < lo else ""), (bar.get_x() + bar.get_width() / 2, y),
+                       xytext=(0, 3 if y >= 0 else -10), textcoords="offset points", ha="center", fontsize=7)
+    b.set_ylim(lo, 1.15)
+    b.axhline(1.0, color="black", linewidth=1, linestyle="--")
+    b.axhline(0.0, color="grey", linewidth=1)
+    b.set_xticks(range(len(names)))
+    b.set_xticklabels([METHODS[n].label for n in names], rotation=30, ha="right", fontsize=8)
+    b.set_ylabel("context effect recovered\n(NLL_none - NLL) / (NLL_none - NLL_full)")
+    b.set_title("Recovered fraction (1 = full context)")
+    return _finish(fig, a, title, path)
+
+
+def _finish(fig, ax, title: str, path) -> Path:
+    """Title, one legend in a row under the panels (never over the data), save, close."""
+    fig.suptitle(title)
+    handles, labels = ax.get_legend_handles_labels()
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
+    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 7), fontsize=8, frameon=False)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    _plt().close(fig)
+    return Path(path)
+
+
+def plot_facts(by_length: dict, by_position: dict, title: str, path) -> Path:
+    """Lenient accuracy against document length (left) and fact position (right)."""
+    plt = _plt()
+    fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.5))
+    k = len(by_length)
+    all_x = set()
+    for i, (name, pts) in enumerate(by_length.items()):
+        c, ls, mk = STYLE.get(name, (None, "-", "o"))
+        xs = sorted(int(x) for x in pts)
+        all_x |= set(xs)
+        jitter = 2 ** ((i - (k - 1) / 2) * 0.025)   # side by side, so equal points stay visible
+        a.plot([x * jitter for x in xs], [pts[str(x)] for x in xs], color=c, linestyle=ls, marker=mk,
+               label=METHODS[name].label)
+    a.set_xscale("log", base=2)
+    a.set_xticks(sorted(all_x))
+    a.set_xticklabels([str(x) for x in sorted(all_x)])
+    a.minorticks_off()
+    a.set_xlabel("document length (tokens)")
+    a.set_ylabel("accuracy (answer contained)")
+    a.set_ylim(-0.05, 1.05)
+    a.set_title("Fact recall vs document length")
+    a.grid(alpha=0.3)
+    names = list(by_position)
+    width = 0.8 / max(1, len(names))
+    for i, name in enumerate(names):
+        ys = [by_position[name].get(p, math.nan) for p in POSITIONS]
+        b.bar([j + i * width for j in range(len(POSITIONS))], ys, width, color=STYLE.get(name, ("C0",))[0],
+              label=METHODS[name].label)
+    b.set_xticks([j + width * (len(names) - 1) / 2 for j in range(len(POSITIONS))])
+    b.set_xticklabels(POSITIONS)
+    b.set_xlabel("where the fact sits in the document")
+    b.set_ylabel("accuracy (answer contained)")
+    b.set_ylim(0, 1.05)
+    b.set_title("Fact recall vs position")
+    return _finish(fig, a, title, path)
+
+
+def plot_cost(rows: list[dict], title: str, path) -> Path:
+    """Peak inference memory (with the KV-cache size) and decode latency against context length,
+    full context vs absorbed (window + merged adapter)."""
+    plt = _plt()
+    fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for mode, color, label in (("full", "black", "full context (KV cache of everything)"),
+                               ("absorbed", "tab:red", "absorbed (window W + merged adapter)")):
+        pts = sorted((r for r in rows if r["mode"] == mode), key=lambda r: r["context_tokens"])
+        if not pts:
+            continue
+        xs = [r["context_tokens"] for r in pts]
+        a.plot(xs, [mib(r["memory_extra_bytes"]) for r in pts], color=color, marker="o", label=f"{label}: peak extra")
+        a.plot(xs, [mib(r["kv_cache_bytes"]) for r in pts], color=color, linestyle="--", marker=".",
+               label=f"{label}: KV cache")
+        b.plot(xs, [r["decode_ms_per_token_median"] for r in pts], color=color, marker="o", label=label)
+    xs = sorted({r["context_tokens"] for r in rows})
+    for ax in (a, b):
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(xs)
+        ax.set_xticklabels([str(x) for x in xs])
+        ax.minorticks_off()
+        ax.set_xlabel("context length (tokens)")
+        ax.set_ylim(bottom=0)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    a.set_ylabel("MiB over the loaded model")
+    a.set_title("Inference memory (measured peak, and KV-cache bytes)")
+    b.set_ylabel("decode latency (ms / token, median)")
+    b.set_title("Per-token decode latency")
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return Path(path)
+
+
+
+def make_plots(res: dict, cfg: EvalConfig, n_methods: int, out_dir: Path) -> dict:
+    """The PNG plots of the sections that ran: {section: file name in out_dir}."""
     plots = {}
     if "lm" in res:
         plots["lm"] = "lm_nll_position.png"
-        ev.plot_lm(res["lm"]["position"], res["lm"]["summary"],
-                   f"Streaming LM: C={args.context}, W={args.window}, E={args.eval_len}", out_dir / plots["lm"])
+        plot_lm(res["lm"]["position"], res["lm"]["summary"],
+                f"Streaming LM: C={cfg.context}, W={cfg.window}, E={cfg.eval_len}", out_dir / plots["lm"])
     if "facts" in res:
         s = res["facts"]["summary"]
         plots["facts"] = "facts_accuracy.png"
-        ev.plot_facts({n: v["by_length"] for n, v in s.items()}, {n: v["by_position"] for n, v in s.items()},
-                      f"Fact recall ({len(res['facts']['rows']) // max(1, len(methods))} questions per method)",
-                      out_dir / plots["facts"])
+        plot_facts({n: v["by_length"] for n, v in s.items()}, {n: v["by_position"] for n, v in s.items()},
+                   f"Fact recall ({len(res['facts']['rows']) // max(1, n_methods)} questions per method)",
+                   out_dir / plots["facts"])
     if "cost" in res:
         plots["cost"] = "cost_memory_latency.png"
-        ev.plot_cost(res["cost"]["inference"], f"Inference cost vs context length (window W={args.window})",
-                     out_dir / plots["cost"])
+        plot_cost(res["cost"]["inference"], f"Inference cost vs context length (window W={cfg.window})",
+                  out_dir / plots["cost"])
+    return plots
+
+
+# ------------------------------------------------------------------------------------------
+# Main
+# ------------------------------------------------------------------------------------------
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    run_cfg, cfg, base = parse(parser, argv)
+    methods = selected_methods(cfg.methods)
+    doc_texts, tasks = read_inputs(parser, run_cfg, cfg)        # before the slow model load
+    print_config("eval.py", run_cfg, cfg, base)
+    setup(run_cfg)
+    out_dir = Path(cfg.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    t_start = time.time()
+    model, tok = load(run_cfg.ckpt, device=run_cfg.device, dtype=run_cfg.dtype)
+    model.eval()
+    apply_lora(model, base.lora)
+    n_params = sum(p.numel() for n, p in model.named_parameters() if "lora_" not in n)
+    say(f"loaded {run_cfg.ckpt or 'the default model'} ({n_params / 1e6:.0f}M parameters) in "
+        f"{time.time() - t_start:.1f}s; sections: {cfg.only}; methods: {','.join(m.name for m in methods)}")
+    res = {"command": "python " + " ".join(["eval.py"] + (list(argv) if argv is not None else sys.argv[1:])),
+           "config": {**asdict(run_cfg), **asdict(base), **asdict(cfg)},
+           "absorb_config": {m.name: asdict(method_config(base, m)) for m in methods if m.kind == "absorb"},
+           "model": {"name": run_cfg.ckpt or "SmolLM2-135M-Instruct (default model)", "params_m": n_params / 1e6,
+                     "config": model.cfg.to_dict()},
+           "environment": environment(run_cfg.device), "timings": {}}
+
+    sections = {"lm": lambda: run_lm(model, tok, cfg, base, methods, doc_texts),
+                "facts": lambda: run_facts(model, tok, cfg, base, methods),
+                "tasks": lambda: run_tasks(model, tok, cfg, base, methods, tasks),
+                "cost": lambda: run_cost(model, tok, cfg, base, methods, run_cfg, doc_texts)}
+    for name in cfg.sections():
+        t0 = time.time()
+        res[name] = sections[name]()
+        res["timings"][name] = time.time() - t0
+        say(f"[{name}] done in {res['timings'][name]:.0f}s")
+
+    res["plots"] = plots = make_plots(res, cfg, len(methods), out_dir)
     res["timings"]["total"] = time.time() - t_start
-    res["plots"] = plots
-    md = markdown(res, args, plots)
-    res["markdown"] = md
-    ev.write_json(res, out_dir / "results.json")
-    (out_dir / "results.md").write_text(md)
+    res["markdown"] = md = markdown(res, cfg, base, plots)
+    write_json(res, out_dir / "results.json")
+    atomic_write_text(out_dir / "results.md", md)
     print(md)
     say(f"wrote {out_dir / 'results.json'}, {out_dir / 'results.md'} and {len(plots)} plot(s); "
         f"total {res['timings']['total']:.0f}s")

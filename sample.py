@@ -4,47 +4,62 @@
     python sample.py --ckpt path/to/llama --prompt "Once upon a time" --top-p 0.9
     python sample.py --adapter doc.safetensors --chat --prompt "Who is Mira Okafor?"
 """
-import argparse
 import sys
 import time
+from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
-from nanoabsorber import DTYPES, load
-from nanoabsorber.attention import set_attention_impl
-from nanoabsorber.cli import UserError, add_model_args, print_config, run
+from nanoabsorber import load
+from nanoabsorber.cli import (Parser, RunConfig, UserError, add_flags, build, check_ckpt, print_config, read_text_file,
+                              run, setup)
+from nanoabsorber.config import in_range, non_negative, positive, setting
 from nanoabsorber.sampling import generate
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_model_args(p)
-    p.add_argument("--adapter", default=None, help="LoRA adapter (.safetensors from absorb.py), merged into the weights")
-    p.add_argument("--prompt", default=None, help="prompt text (default: a short greeting)")
-    p.add_argument("--prompt-file", default=None, help="read the prompt from this file instead")
-    p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
-    p.add_argument("--system", default=None, help="system message for --chat")
-    p.add_argument("--max-new-tokens", type=int, default=128, help="tokens to generate at most")
-    p.add_argument("--temperature", type=float, default=0.7, help="0 = greedy")
-    p.add_argument("--top-k", type=int, default=None, help="keep the k most likely tokens")
-    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling threshold in (0, 1)")
-    p.add_argument("--seed", type=int, default=1337, help="random seed")
-    args = p.parse_args()
+@dataclass
+class SampleConfig:
+    adapter: Optional[str] = setting(None, "LoRA adapter (.safetensors from absorb.py), merged into the weights")
+    prompt: Optional[str] = setting(None, "prompt text (automatic: a short greeting)")
+    prompt_file: Optional[str] = setting(None, "read the prompt from this file instead")
+    chat: bool = setting(False, "wrap the prompt in the model's chat template")
+    system: Optional[str] = setting(None, "system message for --chat")
+    max_new_tokens: int = setting(128, "tokens to generate at most", check=positive)
+    temperature: float = setting(0.7, "sampling temperature (0 = greedy)", check=non_negative)
+    top_k: Optional[int] = setting(None, "keep the k most likely tokens", check=positive)
+    top_p: Optional[float] = setting(None, "nucleus sampling threshold in (0, 1]", check=in_range(1e-6, 1.0))
+    seed: int = setting(1337, "random seed")
+
+
+def build_parser() -> Parser:
+    p = Parser(prog="sample.py", description=__doc__)
+    add_flags(p, RunConfig, title="model")
+    add_flags(p, SampleConfig, title="sampling")
+    return p
+
+
+def main(argv=None):
+    p = build_parser()
+    ns = p.parse_args(argv)
+    run_cfg, args = build(p, RunConfig, ns), build(p, SampleConfig, ns)
     if args.prompt is not None and args.prompt_file is not None:
         raise UserError("give --prompt or --prompt-file, not both")
     if args.prompt_file:
-        try:
-            prompt = open(args.prompt_file, encoding="utf-8").read()
-        except UnicodeDecodeError:
-            raise UserError(f"{args.prompt_file}: not UTF-8 text") from None
+        prompt = read_text_file(args.prompt_file)
     else:
         prompt = args.prompt if args.prompt is not None else "Hello! Tell me a short story about a robot."
-    print_config("sample.py", args)
-    set_attention_impl(args.attn)
+    check_ckpt(run_cfg)
+    if args.adapter:
+        from nanoabsorber.lora import read_adapter
+
+        read_adapter(args.adapter)              # a bad adapter file fails here, before the model loads
+    print_config("sample.py", run_cfg, args)
+    setup(run_cfg)
     torch.manual_seed(args.seed)
 
     t0 = time.time()
-    model, tok = load(args.ckpt, device=args.device, dtype=DTYPES[args.dtype])
+    model, tok = load(run_cfg.ckpt, device=run_cfg.device, dtype=run_cfg.dtype)
     if args.adapter:
         from nanoabsorber.lora import load_adapter
 
@@ -55,7 +70,7 @@ def main():
         msgs = ([{"role": "system", "content": args.system}] if args.system else []) + [{"role": "user", "content": prompt}]
         prompt = tok.apply_chat_template(msgs)
     ids = tok.encode(prompt, bos=tok.add_bos)
-    gen = torch.Generator(device=args.device).manual_seed(args.seed)
+    gen = torch.Generator(device=run_cfg.device).manual_seed(args.seed)
     from nanoabsorber.tokenizer import StreamDecoder
 
     dec = StreamDecoder(tok)

@@ -13,11 +13,12 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from nanoabsorber import load  # noqa: E402
-from nanoabsorber.absorber import PROBE_LR, AbsorbConfig, absorb_chunk, sample_continuations  # noqa: E402
-from nanoabsorber.lora import apply_lora, reset_lora  # noqa: E402
-from nanoabsorber.probes import GENERIC, answer, chat_probe_ids, is_correct, make_probes  # noqa: E402
+from nanoabsorber import load
+from nanoabsorber.absorber import PROBE_LR, AbsorbConfig, absorb_chunk, sample_continuations
+from nanoabsorber.lora import apply_lora, reset_lora
+from nanoabsorber.metrics import lenient_match
+from nanoabsorber.probes import GENERIC, answer, chat_probe_ids, make_probes
+from nanoabsorber.sampling import greedy
 
 DATA = Path(__file__).resolve().parents[1] / "nanoabsorber" / "assets"
 
@@ -34,8 +35,7 @@ def build(recipe: str, model, tok, doc: str, gen_tokens: int, seed: int = 0):
             if "sampled" in parts:
                 g = sample_continuations(model, ctx, 1, gen_tokens, 0.8, 0.95, tok.stop_ids, seed=seed * 1000 + i)[0]
             else:
-                from nanoabsorber.absorber import greedy_answer
-                g = greedy_answer(model, ctx, gen_tokens, tok.stop_ids)
+                g = greedy(model, ctx, gen_tokens, tok.stop_ids)
             if g and g[-1] != end:
                 g = g + [end]
             ys.append(tok.encode(q + tail) + g)
@@ -77,14 +77,14 @@ def main():
         t_abs = time.time() - t0
         with torch.no_grad():
             preds = [answer(model, tok, q["question"]) for q in qs]
-        ok = sum(is_correct(pr, q["answers"]) for pr, q in zip(preds, qs))
+        ok = sum(lenient_match(pr, q["answers"]) for pr, q in zip(preds, qs))
         row = dict(recipe=recipe, facts=ok, of=len(qs), y_tokens=n_y, seconds=round(t_abs, 1),
                    loss0=round(res.first_loss, 4), loss_end=round(res.final_loss, 4),
                    **{k: v for k, v in vars(args).items() if k not in ("recipes", "out")})
         rows.append(row)
         print(json.dumps(row), flush=True)
         for pr, q in zip(preds, qs):
-            print(f"   {'OK ' if is_correct(pr, q['answers']) else '-- '} {q['question']} -> {pr[:70]!r}", flush=True)
+            print(f"   {'OK ' if lenient_match(pr, q['answers']) else '-- '} {q['question']} -> {pr[:70]!r}", flush=True)
         if args.out:
             with open(args.out, "a") as f:
                 f.write(json.dumps(row) + "\n")

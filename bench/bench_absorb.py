@@ -8,13 +8,11 @@ teacher passes ran (must be 1 per window, never per step), and peak resident mem
 """
 import argparse
 import resource
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import nanoabsorber.absorber as ab  # noqa: E402
 from nanoabsorber import load  # noqa: E402
 from nanoabsorber.lora import apply_lora  # noqa: E402

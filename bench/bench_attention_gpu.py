@@ -21,7 +21,6 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 if not torch.cuda.is_available():
     sys.exit("bench_attention_gpu.py needs a CUDA GPU (torch.cuda.is_available() is False); nothing to do.")

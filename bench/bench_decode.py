@@ -5,13 +5,11 @@ Prints: load time of the cached default model, greedy decoding tokens/s with the
 16-token and a 1024-token prompt (prefill timed separately), fp32.
 """
 import argparse
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from nanoabsorber import load  # noqa: E402
 from nanoabsorber.default_model import default_model_dir  # noqa: E402
 

@@ -34,7 +34,6 @@ def _rss_mib() -> float:
 
 
 def child(args) -> None:
-    sys.path.insert(0, str(ROOT))
     os.environ.setdefault("NANOABSORBER_QUIET", "1")
     import torch
 

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import CheckpointError, load_model, save_checkpoint
+from .checkpoint import load_model, save_checkpoint
+from .errors import CheckpointError, ConfigError, UserError
 from .model import KVCache, Llama, LlamaConfig
 
 __version__ = "0.1.0"
@@ -27,16 +28,14 @@ def load(path=None, device="cpu", dtype=torch.float32, tokenizer: bool = True):
         from .default_model import default_model_dir
 
         path = default_model_dir()
-    model, folder = load_model(path, device=device, dtype=dtype)
+    model, source = load_model(path, device=device, dtype=dtype)   # source: folder, or the parsed GGUF
     tok = None
     if tokenizer:
         from .tokenizer import ByteBPETokenizer, load_tokenizer
 
-        if Path(path).suffix == ".gguf":
-            tok = ByteBPETokenizer.from_gguf(str(path))
-        else:
-            tok = load_tokenizer(folder)
+        tok = load_tokenizer(source) if isinstance(source, Path) else ByteBPETokenizer.from_gguf(source)
     return model, tok
 
 
-__all__ = ["load", "Llama", "LlamaConfig", "KVCache", "CheckpointError", "save_checkpoint", "DTYPES"]
+__all__ = ["load", "Llama", "LlamaConfig", "KVCache", "CheckpointError", "ConfigError", "UserError", "save_checkpoint",
+           "DTYPES"]

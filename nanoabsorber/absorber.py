@@ -23,14 +23,15 @@ The updated model is the next chunk's teacher. Memory is bounded by n + m, not t
 """
 import math
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from typing import Callable, Iterable, Optional
 
 import torch
 import torch.nn.functional as F
 
+from .config import in_range, non_negative, positive, setting, validate
 from .losses import hidden_sync_loss, linear_kl_loss
-from .lora import lora_parameters, lora_state_dict
+from .lora import LoRAConfig, lora_parameters, lora_state_dict
 from .sampling import sample_next
 
 # The recipe bench/absorb_recipes.py chose (README, "Recipes"): Y = the recite probe, 90 steps at
@@ -44,37 +45,50 @@ LOSSES = ("l1", "mse", "l1_norm", "kl", "hybrid")
 OBJECTIVES = ("sync", "ntp")
 
 
+def _probe_check(v: str):
+    try:
+        probe_kinds(v)
+    except ValueError as e:
+        return str(e)
+    return None
+
+
 @dataclass
 class AbsorbConfig:
-    objective: str = "sync"      # sync (Absorber) | ntp (next-token prediction on X: TTT / Temp-LoRA)
-    loss: str = "l1"             # l1 | mse | l1_norm | kl | hybrid (see module docstring)
-    kl_weight: float = 1.0       # weight of the KL term in "hybrid"
-    temperature: float = 1.0     # softmax temperature of the KL term
-    steps: int = 90              # max optimizer steps per chunk (K)
-    eps: float = 0.0             # early stop when the loss falls below eps (paper: 2 on Llama-2-7B)
-    lr: Optional[float] = None   # None: PROBE_LR when Y holds chat probes, RAW_TEXT_LR for raw text only
-    schedule: str = "constant"   # constant | cosine (decay to 0 over `steps`)
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0       # max grad norm (0 = off)
-    chunk: int = 1024            # n: tokens absorbed per window
-    sync_len: int = 512          # m: real following tokens used as Y per window
-    gen_tokens: Optional[int] = None  # teacher-generated Y tokens where the following text is short
-                                      # (last window); None: 0 with chat probes, RAW_GEN_TOKENS otherwise
-    gen_temperature: float = 0.8
-    gen_top_p: float = 0.95
-    gen_samples: int = 4         # generated continuations per chunk (split gen_tokens among them)
-    batch_tokens: int = 0        # Y tokens per optimizer step (a random subset of the Y sequences); 0 = all
-    seed: int = 0
+    """The absorption recipe (absorb.py's and eval.py's flags are built from these fields)."""
+    objective: str = setting("sync", "sync (Absorber) or ntp (next-token prediction on the text: the TTT / "
+                             "Temp-LoRA baseline)", choices=OBJECTIVES)
+    loss: str = setting("l1", "sync loss: hidden-state l1 (paper), mse, l1_norm, kl (logits only), hybrid "
+                        "(l1_norm + kl)", choices=LOSSES)
+    kl_weight: float = setting(1.0, "weight of the KL term in the hybrid loss", check=non_negative)
+    temperature: float = setting(1.0, "softmax temperature of the KL term", check=positive)
+    steps: int = setting(90, "max optimizer steps per window (K)", check=non_negative)
+    eps: float = setting(0.0, "early stop when the loss falls below this (paper: 2 on Llama-2-7B)",
+                         check=non_negative)
+    lr: Optional[float] = setting(None, f"AdamW learning rate (automatic: {PROBE_LR:g} when Y holds chat probes, "
+                                  f"{RAW_TEXT_LR:g} for raw-text Y)", check=positive)
+    schedule: str = setting("constant", "learning-rate schedule: constant, or cosine decay to 0 over the steps",
+                            choices=("constant", "cosine"))
+    weight_decay: float = setting(0.0, "AdamW weight decay", check=non_negative)
+    grad_clip: float = setting(1.0, "max gradient norm (0 = off)", check=non_negative)
+    chunk: int = setting(1024, "n: tokens absorbed per window", check=positive)
+    sync_len: int = setting(512, "m: real following tokens used as Y per window", check=non_negative)
+    gen_tokens: Optional[int] = setting(None, f"teacher-generated Y tokens where the following text is short "
+                                        f"(last window) (automatic: 0 with chat probes, {RAW_GEN_TOKENS} "
+                                        f"otherwise)", check=non_negative)
+    gen_temperature: float = setting(0.8, "sampling temperature of generated Y", check=positive)
+    gen_top_p: float = setting(0.95, "nucleus threshold of generated Y", check=in_range(0.01, 1.0))
+    gen_samples: int = setting(4, "generated continuations per window (gen-tokens split among them)",
+                               check=positive)
+    batch_tokens: int = setting(0, "Y tokens per optimizer step, a random subset of the Y sequences (0 = all)",
+                                check=non_negative)
+    probes: str = setting(DEFAULT_PROBES, "chat probe kinds added to Y for chat models: comma list of recite, "
+                          "entity, cloze, continue ('' for none); see nanoabsorber/probes.py", check=_probe_check)
+    lora: LoRAConfig = setting(default_factory=LoRAConfig, help="LoRA")
+    seed: int = setting(0, "random seed (LoRA init, Y subsets, generated Y)")
 
     def __post_init__(self):
-        if self.loss not in LOSSES:
-            raise ValueError(f"loss must be one of {LOSSES}, not {self.loss!r}")
-        if self.objective not in OBJECTIVES:
-            raise ValueError(f"objective must be one of {OBJECTIVES}, not {self.objective!r}")
-        if self.schedule not in ("constant", "cosine"):
-            raise ValueError(f"schedule must be constant or cosine, not {self.schedule!r}")
-        if self.steps < 0 or self.chunk <= 0 or self.sync_len < 0:
-            raise ValueError("steps >= 0, chunk > 0 and sync_len >= 0 are required")
+        validate(self)
 
     def resolved(self, chat_probes: bool) -> "AbsorbConfig":
         """This config with the automatic (None) lr and gen_tokens filled in for a Y that does
@@ -319,14 +333,6 @@ def sample_continuations(model, context: list[int], n_samples: int, n_tokens: in
     return out
 
 
-@torch.no_grad()
-def greedy_answer(model, context: list[int], max_tokens: int, stop_ids: Iterable[int]) -> list[int]:
-    """Greedy decode after `context` (stop id kept at the end when produced)."""
-    from .sampling import generate
-
-    return list(generate(model, list(context), max_tokens, 0.0, stop_ids=stop_ids))
-
-
 def chunk_windows(n_tokens: int, n: int, m: int) -> list[tuple[int, int, int]]:
     """Algorithm 2's windows over a stream of n_tokens: (x_start, x_end, y_end)."""
     out, s = [], 0
@@ -386,23 +392,31 @@ def probe_kinds(probes: str) -> set:
     return kinds
 
 
-def uses_chat_probes(tok, probes: str, objective: str = "sync") -> bool:
-    """Whether absorb_text adds chat probes to Y: a chat model, probe kinds given, sync objective."""
-    return bool(probe_kinds(probes)) and bool(tok.chat_format) and objective == "sync"
+def uses_chat_probes(tok, cfg: AbsorbConfig) -> bool:
+    """The one place that decides whether Y holds chat probes: a chat model, probe kinds given,
+    sync objective. absorb_text and the scripts' printouts ask this."""
+    return bool(probe_kinds(cfg.probes)) and bool(tok.chat_format) and cfg.objective == "sync"
 
 
-def absorb_text(model, tok, text: str, cfg: AbsorbConfig, probes: str = DEFAULT_PROBES,
-                log: Optional[Callable[[dict], None]] = None) -> list:
-    """The high-level entry point (absorb.py, eval.py): absorb `text` into the LoRA of `model`.
-    Raw-text Y: the sync_len real tokens after each window (+ gen_tokens generated ones at the
-    end). For chat models, each window also gets chat probes about its text (`probes`, a comma
-    list of recite, entity, cloze, continue; "" for none), see probes.py. Returns a ChunkResult
-    per window."""
+def resolve_config(tok, cfg: AbsorbConfig) -> AbsorbConfig:
+    """cfg with its automatic lr and gen_tokens filled in for this tokenizer (AbsorbConfig.resolved)."""
+    return cfg.resolved(uses_chat_probes(tok, cfg))
+
+
+def absorb_text(model, tok, text: str, cfg: AbsorbConfig, log: Optional[Callable[[dict], None]] = None) -> list:
+    """The high-level entry point (absorb.py, eval.py): absorb `text` into the LoRA of `model`
+    (applied from cfg.lora if the model has none yet). Raw-text Y: the sync_len real tokens after
+    each window (+ gen_tokens generated ones at the end). For chat models, each window also gets
+    chat probes about its text (cfg.probes, a comma list of recite, entity, cloze, continue; ""
+    for none), see probes.py. Returns a ChunkResult per window."""
+    from .lora import apply_lora, lora_modules
     from .probes import chat_probe_ids, make_probes
 
+    if not lora_modules(model):
+        apply_lora(model, cfg.lora)
     ids = tok.encode(text)
     prefix = [tok.bos_id] if tok.add_bos and tok.bos_id is not None else []
-    kinds = probe_kinds(probes)
+    kinds = probe_kinds(cfg.probes)
 
     def chat_probes(ci, x):
         chunk_text = tok.decode(x)
@@ -412,9 +426,5 @@ def absorb_text(model, tok, text: str, cfg: AbsorbConfig, probes: str = DEFAULT_
         p, xc, ys, _ = chat_probe_ids(tok, chunk_text, pr)
         return [(p, xc, ys)]
 
-    use = uses_chat_probes(tok, probes, cfg.objective)
+    use = uses_chat_probes(tok, cfg)
     return absorb_stream(model, ids, cfg, prefix, tok.stop_ids, log, chat_probes if use else None)
-
-
-def config_dict(cfg: AbsorbConfig) -> dict:
-    return asdict(cfg)

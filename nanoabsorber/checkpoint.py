@@ -11,89 +11,18 @@ the meta device and loaded with assign=True after strict name and shape checks.
 Never unpickles: .bin/.pt/.pth files are refused.
 """
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
+from .errors import CheckpointError
+from .gguf_convert import read_gguf
+from .io import atomic_save_safetensors, atomic_write_text
 from .model import Llama, LlamaConfig
+from .names import hf_to_ours, ours_to_hf
 
 CONFIG_KEY = "nanoabsorber.config"
-
-
-class CheckpointError(Exception):
-    """A one-line, user-facing problem with a checkpoint file: '<path>: <problem>'."""
-
-    def __init__(self, path, problem):
-        super().__init__(f"{path}: {problem}")
-        self.path, self.problem = str(path), problem
-
-
-# Hugging Face name -> our name ("{i}" is the layer index).
-NAME_MAP = {
-    "model.embed_tokens.weight": "embed.weight",
-    "model.norm.weight": "norm.weight",
-    "lm_head.weight": "output.weight",
-    "model.layers.{i}.input_layernorm.weight": "layers.{i}.attn_norm.weight",
-    "model.layers.{i}.post_attention_layernorm.weight": "layers.{i}.mlp_norm.weight",
-    "model.layers.{i}.self_attn.q_proj.{p}": "layers.{i}.attn.wq.{p}",
-    "model.layers.{i}.self_attn.k_proj.{p}": "layers.{i}.attn.wk.{p}",
-    "model.layers.{i}.self_attn.v_proj.{p}": "layers.{i}.attn.wv.{p}",
-    "model.layers.{i}.self_attn.o_proj.{p}": "layers.{i}.attn.wo.{p}",
-    "model.layers.{i}.mlp.gate_proj.{p}": "layers.{i}.mlp.gate.{p}",
-    "model.layers.{i}.mlp.up_proj.{p}": "layers.{i}.mlp.up.{p}",
-    "model.layers.{i}.mlp.down_proj.{p}": "layers.{i}.mlp.down.{p}",
-}
-
-# GGUF (llama.cpp) name -> Hugging Face name.
-GGUF_MAP = {
-    "token_embd.weight": "model.embed_tokens.weight",
-    "output_norm.weight": "model.norm.weight",
-    "output.weight": "lm_head.weight",
-    "blk.{i}.attn_norm.weight": "model.layers.{i}.input_layernorm.weight",
-    "blk.{i}.ffn_norm.weight": "model.layers.{i}.post_attention_layernorm.weight",
-    "blk.{i}.attn_q.{p}": "model.layers.{i}.self_attn.q_proj.{p}",
-    "blk.{i}.attn_k.{p}": "model.layers.{i}.self_attn.k_proj.{p}",
-    "blk.{i}.attn_v.{p}": "model.layers.{i}.self_attn.v_proj.{p}",
-    "blk.{i}.attn_output.{p}": "model.layers.{i}.self_attn.o_proj.{p}",
-    "blk.{i}.ffn_gate.{p}": "model.layers.{i}.mlp.gate_proj.{p}",
-    "blk.{i}.ffn_up.{p}": "model.layers.{i}.mlp.up_proj.{p}",
-    "blk.{i}.ffn_down.{p}": "model.layers.{i}.mlp.down_proj.{p}",
-}
-
-
-def _rename(name: str, table: dict) -> str | None:
-    """Map one tensor name through a table with {i} (layer) and {p} (weight/bias) holes."""
-    if name in table:
-        return table[name]
-    parts = name.split(".")
-    for i, tok in enumerate(parts):
-        if tok.isdigit():
-            generic = ".".join(parts[:i] + ["{i}"] + parts[i + 1:])
-            for p in ("weight", "bias"):
-                key = generic[: -len(p)] + "{p}" if generic.endswith(p) else None
-                if key in table:
-                    return table[key].format(i=tok, p=p)
-            if generic in table:
-                return table[generic].format(i=tok)
-            break
-    return None
-
-
-def hf_to_ours(name: str) -> str | None:
-    return _rename(name, NAME_MAP)
-
-
-def ours_to_hf(name: str) -> str:
-    inv = {v: k for k, v in NAME_MAP.items()}
-    out = _rename(name, inv)
-    if out is None:
-        raise KeyError(name)
-    return out
-
 
 # ----------------------------------------------------------------------------- reading
 
@@ -215,50 +144,20 @@ def build_model(cfg: LlamaConfig, sd: dict, source, device="cpu", dtype=torch.fl
     return model.eval()
 
 
-def load_model(path, device="cpu", dtype=torch.float32) -> tuple[Llama, Path]:
-    """Load a checkpoint (see module docstring). Returns (model, folder where the tokenizer lives)."""
+def load_model(path, device="cpu", dtype=torch.float32):
+    """Load a checkpoint (see module docstring). Returns (model, where the tokenizer is): the
+    folder for safetensors, the already-parsed GGUF reader for a .gguf (read once per load)."""
     path = Path(path)
     if path.suffix == ".gguf":
-        from .gguf_convert import read_gguf
-
-        cfg, hf_sd, _ = read_gguf(path)
+        cfg, hf_sd, reader = read_gguf(path)
         sd = {hf_to_ours(k): v.to(dtype) for k, v in hf_sd.items()}
-        return build_model(cfg, sd, path, device, dtype), path
+        return build_model(cfg, sd, path, device, dtype), reader
     cfg, files, folder = resolve(path)
     sd = read_state_dict(files, dtype)
     return build_model(cfg, sd, files[0] if len(files) == 1 else folder, device, dtype), folder
 
 
 # ----------------------------------------------------------------------------- writing
-
-def atomic_save_file(tensors: dict, path, metadata: dict | None = None) -> None:
-    """safetensors save_file to a temporary file in the same folder, then rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def atomic_write_text(path, text: str) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
 
 def hf_state_dict(model: Llama, dtype=None) -> dict:
     """Our model's weights under Hugging Face names (tied output head omitted), contiguous."""
@@ -283,7 +182,7 @@ def save_checkpoint(model: Llama, path, extra_metadata: dict | None = None, dtyp
     if path.suffix != ".safetensors":
         atomic_write_text(path / "config.json", json.dumps(model.cfg.to_hf(), indent=2))
         path = path / "model.safetensors"
-    atomic_save_file(hf_state_dict(model, dtype), path, metadata=meta)
+    atomic_save_safetensors(hf_state_dict(model, dtype), path, metadata=meta)
     return path
 
 

@@ -1,14 +1,51 @@
-"""Small helpers shared by the scripts: common flags, a resolved-config printout, and one-line
-errors (no tracebacks from deep inside torch for bad input)."""
-import argparse
-import json
+"""What every script shares: the model/run settings (RunConfig, flags built from it), reading
+user text files with one-line errors, and `run(main)`, which turns every user-facing error into
+one line on stderr with exit status 2 (no traceback)."""
 import sys
+from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
+from .config import Parser, add_flags, build, positive, print_config, setting, validate
+from .errors import UserError
 
-class UserError(Exception):
-    """Bad input from the user: printed as one line, exit status 2."""
+__all__ = ["RunConfig", "Parser", "add_flags", "build", "print_config", "read_text_file", "decode_text", "run",
+           "UserError", "setup"]
+
+
+def _default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@dataclass
+class RunConfig:
+    """Which model, where and how it runs (all scripts that load a model)."""
+    ckpt: Optional[str] = setting(None, "checkpoint: HF-layout folder, .safetensors file or .gguf "
+                                        "(automatic: SmolLM2-135M-Instruct, the default model)")
+    device: str = setting(default_factory=_default_device, help="cpu, cuda or cuda:N",
+                         check=lambda v: None if v == "cpu" or v.split(":")[0] == "cuda" else "must be cpu or cuda")
+    dtype: str = setting("float32", "compute dtype (weights are cast on load)",
+                         choices=("float32", "bfloat16", "float16"))
+    attn: str = setting("auto", "attention path: auto (= SDPA), sdpa, or triton (our kernel, CUDA)",
+                        choices=("auto", "sdpa", "triton"))
+    threads: Optional[int] = setting(None, "CPU threads for torch (automatic: torch's choice)", check=positive)
+
+    def __post_init__(self):
+        validate(self)
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            from .errors import ConfigError
+
+            raise ConfigError("device", "cuda is not available on this machine")
+
+
+def setup(run_cfg: RunConfig) -> None:
+    """Apply a RunConfig's process-wide settings: threads and the attention path."""
+    from .attention import set_attention_impl
+
+    if run_cfg.threads:
+        torch.set_num_threads(run_cfg.threads)
+    set_attention_impl(run_cfg.attn)
 
 
 def decode_text(raw: bytes, name) -> str:
@@ -25,45 +62,60 @@ def decode_text(raw: bytes, name) -> str:
 
 
 def read_text_file(path) -> str:
-    """A text file's contents, or a one-line UserError naming the file and the problem."""
+    """A text file's contents ('-' = stdin), or a one-line UserError naming the file and the problem."""
+    if str(path) == "-":
+        return decode_text(sys.stdin.buffer.read(), "<stdin>")
     try:
         raw = open(path, "rb").read()
     except FileNotFoundError:
         raise UserError(f"{path}: no such file") from None
     except IsADirectoryError:
         raise UserError(f"{path}: is a directory, expected a text file") from None
+    except OSError as e:
+        raise UserError(f"{path}: cannot read ({e.strerror or e})") from None
     return decode_text(raw, path)
 
 
-def add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--ckpt", default=None,
-                   help="checkpoint: HF-layout folder, .safetensors file or .gguf (default: SmolLM2-135M-Instruct)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
-                   help="compute dtype (weights are cast on load)")
-    p.add_argument("--attn", default="auto", choices=["auto", "sdpa", "triton"],
-                   help="attention path: auto (= SDPA), sdpa, or triton (our kernel, CUDA)")
+def read_json_file(path):
+    """A JSON file's contents, or a one-line UserError."""
+    import json
+
+    text = read_text_file(path)
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}: not valid JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
 
 
-def print_config(name: str, args: argparse.Namespace) -> None:
-    cfg = {k: v for k, v in vars(args).items()}
-    print(f"{name} " + json.dumps(cfg, default=str), file=sys.stderr, flush=True)
+def check_output_path(path, what: str = "output") -> None:
+    """Fail early (before any slow work) if `path` cannot be written: an existing folder where a
+    file is wanted, or a parent that is a file."""
+    from pathlib import Path
+
+    p = Path(path)
+    for parent in [p, *p.parents]:
+        if parent.exists():
+            if parent != p and not parent.is_dir():
+                raise UserError(f"{path}: cannot write the {what} here ({parent} is a file, not a folder)")
+            break
+
+
+def check_ckpt(run_cfg: RunConfig) -> None:
+    """Fail early if --ckpt names nothing (the slow load reports deeper problems itself)."""
+    from pathlib import Path
+
+    if run_cfg.ckpt is not None and not Path(run_cfg.ckpt).exists():
+        raise UserError(f"{run_cfg.ckpt}: no such checkpoint file or folder")
 
 
 def run(main) -> None:
-    """Call main(); turn known user-facing errors into one line on stderr and exit status 2."""
-    from .checkpoint import CheckpointError
-
-    try:
-        from .tokenizer import TokenizerError
-    except ImportError:  # pragma: no cover
-        TokenizerError = ValueError
+    """Call main(); turn user-facing errors into one line on stderr and exit status 2."""
     try:
         sys.exit(main())
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
-    except (CheckpointError, TokenizerError, UserError) as e:
+    except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except FileNotFoundError as e:

@@ -35,7 +35,6 @@ import json
 import math
 import os
 import stat
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
@@ -43,13 +42,15 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 
-from .cli import UserError
+from .errors import UserError
+from .io import atomic_path, atomic_write, atomic_write_text
 
 CACHE_SUBDIR = ".nanoabsorber-cache"
 FORMAT_VERSION = 1          # bump when the token-file layout or document separators change
 CHUNK_BYTES = 1 << 20       # text read and encoded per chunk
 SPM_MAX_CHARS = 1000        # longer lines are cut for the SentencePiece trainer (it skips > 4192 bytes)
 SPM_MAX_SENTENCES = 2_000_000
+MIN_VOCAB = 256 + 3 + 1     # smallest SentencePiece vocabulary: 256 byte pieces, unk/bos/eos, one merge
 
 
 class DataError(UserError):
@@ -203,20 +204,6 @@ def cache_dir_for(data_path, cache_dir=None) -> Path:
     return out
 
 
-def _atomic_target(path: Path):
-    """(binary file object, temp name) in path's folder; finish with _publish(tmp, path)."""
-    fd, tmp = tempfile.mkstemp(prefix="." + path.name + ".", suffix=".tmp", dir=path.parent)
-    return os.fdopen(fd, "wb"), tmp
-
-
-def _publish(tmp: str, path: Path) -> None:
-    """Rename the finished temp file into place, readable by all like a normal file (mkstemp makes 0600)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)
-    os.replace(tmp, path)
-
-
 # ----------------------------------------------------------------------------- tokenizer training
 
 SPM_OPTIONS = dict(
@@ -247,10 +234,9 @@ def train_sentencepiece(files: list[Path], vocab_size: int, cache_dir: Path, see
     if out.is_file():
         log(f"tokenizer: reusing {out}")
         return out
-    min_vocab = 256 + 3
-    if vocab_size <= min_vocab:
-        raise DataError(f"--vocab-size {vocab_size} is too small: byte fallback alone needs {min_vocab} pieces "
-                        f"(256 bytes + unk/bos/eos); use at least {min_vocab + 1}")
+    if vocab_size < MIN_VOCAB:
+        raise DataError(f"--vocab-size {vocab_size} is too small: byte fallback alone needs {MIN_VOCAB - 1} pieces "
+                        f"(256 bytes + unk/bos/eos); use at least {MIN_VOCAB}")
     log(f"tokenizer: training SentencePiece BPE, vocab {vocab_size}, on {len(files)} file(s)")
     model = io.BytesIO()
     spm.set_random_generator_seed(seed)
@@ -264,14 +250,7 @@ def train_sentencepiece(files: list[Path], vocab_size: int, cache_dir: Path, see
         if "Vocabulary size" in msg:
             raise DataError(f"--vocab-size {vocab_size} is too large for this data ({msg[msg.index('Vocabulary'):]})") from None
         raise DataError(f"SentencePiece training failed: {msg}") from None
-    f, tmp = _atomic_target(out)
-    try:
-        with f:
-            f.write(model.getvalue())
-        _publish(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(out, lambda f: f.write(model.getvalue()))
     return out
 
 
@@ -296,27 +275,21 @@ def tokenize_to_file(files: list[Path], tok, out: Path, chunk_bytes: int = CHUNK
     dtype = token_dtype(tok.vocab_size)
     bos = tok.bos_id if getattr(tok, "add_bos", False) else None
     eos = tok.eos_id
-    f, tmp = _atomic_target(out)
     n = 0
-    try:
-        with f:
-            for path in files:
-                ids = [bos] if bos is not None else []
-                for chunk in read_text_chunks(path, chunk_bytes):
-                    ids += tok.encode(chunk, allow_special=False)
-                    np.asarray(ids, dtype=dtype).tofile(f)
-                    n += len(ids)
-                    ids = []
-                if eos is not None:
-                    ids.append(eos)
-                if ids:
-                    np.asarray(ids, dtype=dtype).tofile(f)
-                    n += len(ids)
-                log(f"data: tokenized {path.name}: {n:,} tokens so far")
-        _publish(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(out) as tmp, open(tmp, "wb") as f:
+        for path in files:
+            ids = [bos] if bos is not None else []
+            for chunk in read_text_chunks(path, chunk_bytes):
+                ids += tok.encode(chunk, allow_special=False)
+                np.asarray(ids, dtype=dtype).tofile(f)
+                n += len(ids)
+                ids = []
+            if eos is not None:
+                ids.append(eos)
+            if ids:
+                np.asarray(ids, dtype=dtype).tofile(f)
+                n += len(ids)
+            log(f"data: tokenized {path.name}: {n:,} tokens so far")
     return n
 
 
@@ -340,10 +313,7 @@ def prepare_tokens(files: list[Path], tok, tok_hash: str, cache_dir: Path,
     n = tokenize_to_file(files, tok, bin_path, chunk_bytes=chunk_bytes, log=log)
     meta = {"n_tokens": n, "dtype": dtype.name, "vocab_size": tok.vocab_size, "tokenizer": tok_hash,
             "files": [str(f.resolve()) for f in files], "format_version": FORMAT_VERSION}
-    f, tmp = _atomic_target(meta_path)
-    with f:
-        f.write(json.dumps(meta, indent=1).encode())
-    _publish(tmp, meta_path)
+    atomic_write_text(meta_path, json.dumps(meta, indent=1))
     return TokenFile(bin_path, dtype, n, key)
 
 
@@ -418,6 +388,6 @@ def unigram_entropy(tokens: np.ndarray, vocab_size: int) -> float:
     return float(-(p * np.log(p)).sum())
 
 
-__all__ = ["DataError", "list_data_files", "read_text_chunks", "check_data_files", "data_key", "tokenizer_hash",
+__all__ = ["DataError", "MIN_VOCAB", "list_data_files", "read_text_chunks", "check_data_files", "data_key", "tokenizer_hash",
            "cache_dir_for", "is_writable_dir", "train_sentencepiece", "token_dtype", "TokenFile",
            "tokenize_to_file", "prepare_tokens", "TokenData", "WindowLoader", "unigram_entropy"]

@@ -5,17 +5,16 @@ llama.cpp's converter permutes the rows of the Q and K projections (to interleav
 `unpermute` undoes that so the weights work with the half-split RoPE of Hugging Face and ours.
 """
 import json
-import os
-import shutil
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from .checkpoint import GGUF_MAP, CheckpointError, _rename, atomic_save_file
+from .errors import CheckpointError
+from .io import atomic_dir, atomic_save_safetensors, atomic_write_text
 from .model import LlamaConfig
+from .names import GGUF_MAP, rename
 
 
 def unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
@@ -64,7 +63,7 @@ def read_gguf(path) -> tuple[LlamaConfig, dict, object]:
     )
     sd = {}
     for t in reader.tensors:
-        hf = _rename(t.name, GGUF_MAP)
+        hf = rename(t.name, GGUF_MAP)
         if hf is None:
             if t.name == "rope_freqs.weight":
                 raise CheckpointError(path, "GGUF rope_freqs (llama3 scaling) is not supported yet")
@@ -87,27 +86,18 @@ def convert_gguf_to_dir(gguf_path, out_dir, log=lambda m: print(f"[nanoabsorber]
     t0 = time.time()
     cfg, sd, reader = read_gguf(gguf_path)
     tok = ByteBPETokenizer.from_gguf(reader)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=out_dir.name + ".tmp-", dir=out_dir.parent))
-    try:
+    with atomic_dir(out_dir) as tmp:
         hf_cfg = cfg.to_hf()
         hf_cfg["torch_dtype"] = "float32"
-        (tmp / "config.json").write_text(json.dumps(hf_cfg, indent=2))
+        atomic_write_text(tmp / "config.json", json.dumps(hf_cfg, indent=2))
         tok.save_tokenizer_json(tmp / "tokenizer.json")
         inv = {i: t for t, i in tok.special_tokens.items()}
         tok_cfg = {"chat_template": tok.chat_template, "bos_token": inv.get(tok.bos_id),
                    "eos_token": inv.get(tok.eos_id), "pad_token": inv.get(tok.pad_id),
                    "add_bos_token": tok.add_bos, "model_max_length": cfg.max_seq_len,
                    "tokenizer_class": "GPT2Tokenizer"}
-        (tmp / "tokenizer_config.json").write_text(json.dumps(tok_cfg, indent=2))
-        atomic_save_file(sd, tmp / "model.safetensors",
-                         metadata={"format": "pt", "source": Path(gguf_path).name})
-        (tmp / "SOURCE.txt").write_text(f"converted by nanoabsorber from {Path(gguf_path).name}\n")
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        atomic_write_text(tmp / "tokenizer_config.json", json.dumps(tok_cfg, indent=2))
+        atomic_save_safetensors(sd, tmp / "model.safetensors", metadata={"format": "pt", "source": Path(gguf_path).name})
+        atomic_write_text(tmp / "SOURCE.txt", f"converted by nanoabsorber from {Path(gguf_path).name}\n")
     log(f"converted {Path(gguf_path).name} -> {out_dir} in {time.time() - t0:.1f}s")
     return out_dir

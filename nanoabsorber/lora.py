@@ -9,6 +9,7 @@ adapter_model.safetensors) for tools that serve PEFT LoRA adapters.
 """
 import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Optional
 
@@ -16,13 +17,30 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .checkpoint import CheckpointError, atomic_save_file, atomic_write_text, fingerprint, ours_to_hf
+from .checkpoint import fingerprint, ours_to_hf
+from .config import comma_list, in_range, positive, setting, validate
+from .errors import CheckpointError
+from .io import atomic_save_safetensors, atomic_write_text
 
 # short target name -> module path inside a Block
 TARGETS = {"q": "attn.wq", "k": "attn.wk", "v": "attn.wv", "o": "attn.wo",
            "gate": "mlp.gate", "up": "mlp.up", "down": "mlp.down"}
 PEFT_NAMES = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj",
               "gate": "gate_proj", "up": "up_proj", "down": "down_proj"}
+
+
+@dataclass
+class LoRAConfig:
+    """The LoRA settings of absorb.py, eval.py and train.py (train.py prefixes them with lora-)."""
+    rank: int = setting(16, "LoRA rank r", check=positive)
+    alpha: float = setting(32.0, "LoRA alpha (the update is scaled by alpha / rank)", check=positive)
+    targets: str = setting("all", "LoRA targets: comma list of q,k,v,o,gate,up,down, or all",
+                           check=comma_list(("q", "k", "v", "o", "gate", "up", "down"), extra=("all",),
+                                            empty_ok=False))
+    dropout: float = setting(0.0, "dropout on the LoRA input", check=in_range(0.0, 0.99))
+
+    def __post_init__(self):
+        validate(self)
 
 
 class LoRALinear(nn.Linear):
@@ -95,9 +113,12 @@ def parse_targets(targets) -> tuple:
     return tuple(t for t in TARGETS if t in targets)  # canonical order
 
 
-def apply_lora(model, targets: Iterable[str] = tuple(TARGETS), rank: int = 16, alpha: float = 32.0,
+def apply_lora(model, targets: Iterable[str] | LoRAConfig = tuple(TARGETS), rank: int = 16, alpha: float = 32.0,
                dropout: float = 0.0) -> list:
-    """Swap the targeted Linears of every block for LoRALinear; freeze everything else."""
+    """Swap the targeted Linears of every block for LoRALinear; freeze everything else.
+    apply_lora(model, LoRAConfig(...)) or apply_lora(model, targets, rank, alpha, dropout)."""
+    if isinstance(targets, LoRAConfig):
+        targets, rank, alpha, dropout = targets.targets, targets.rank, targets.alpha, targets.dropout
     targets = parse_targets(targets)
     for p in model.parameters():
         p.requires_grad_(False)
@@ -166,7 +187,7 @@ def save_adapter(model, path, **meta) -> Path:
           "base_fingerprint": base_fingerprint(model)}
     md.update({k: json.dumps(v) if not isinstance(v, str) else v for k, v in meta.items()})
     tensors = {k: v.to("cpu").contiguous() for k, v in lora_state_dict(model).items()}
-    atomic_save_file(tensors, path, metadata=md)
+    atomic_save_safetensors(tensors, path, metadata=md)
     return Path(path)
 
 
@@ -227,6 +248,6 @@ def export_peft(model, out_dir, base_model_name: str = "HuggingFaceTB/SmolLM2-13
            "lora_dropout": lc.get("dropout", 0.0), "target_modules": [PEFT_NAMES[t] for t in lc["targets"]],
            "bias": "none", "fan_in_fan_out": False, "inference_mode": True,
            "base_model_name_or_path": base_model_name, "use_rslora": False, "modules_to_save": None}
-    atomic_save_file(tensors, out_dir / "adapter_model.safetensors", metadata={"format": "pt"})
+    atomic_save_safetensors(tensors, out_dir / "adapter_model.safetensors", metadata={"format": "pt"})
     atomic_write_text(out_dir / "adapter_config.json", json.dumps(cfg, indent=2))
     return out_dir

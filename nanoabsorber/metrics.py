@@ -1,16 +1,93 @@
-"""Metrics of how much of a context's effect a method keeps, on text that follows the context.
+"""Scores: how well a method answers questions, and how much of a context's effect it keeps on
+the text that follows the context.
 
-For a held-out continuation Z of a context X:
+Question answering (SQuAD-style normalisation):
+    lenient   an accepted answer occurs in the prediction, case-insensitively
+    strict    the prediction's first non-empty line equals an accepted answer (normalised)
+    f1        SQuAD token F1 of the whole prediction, best over the accepted answers
+
+Language modelling, for a held-out continuation Z of a context X:
     NLL_full  = per-token NLL of Z under the base model with X in its window (upper bound)
     NLL_none  = per-token NLL of Z with nothing before it
     NLL_meth  = per-token NLL of Z under a method (absorbed adapter, truncated window, ...)
     recovered = (NLL_none - NLL_meth) / (NLL_none - NLL_full)   (1 = all of X's effect kept)
     KL        = mean over Z's positions of KL(p_full || p_method) on next-token distributions
+
+    logps = {"full": lm_logprobs(model, prefix, ctx, z), "none": lm_logprobs(model, prefix, [], z),
+             "absorbed": lm_logprobs(absorbed_model, prefix, [], z)}
+    continuation_scores(logps, z)   # {"full": {"nll", "kl", "recovered"}, "none": {...}, ...}
 """
 import math
+import re
+import string
+from collections import Counter
 
 import torch
 
+# ------------------------------------------------------------------------------------------
+# Question answering
+# ------------------------------------------------------------------------------------------
+
+_PUNCT = set(string.punctuation)
+
+
+def normalize_answer(s: str) -> str:
+    """Lower case, drop punctuation and the articles a/an/the, collapse whitespace (SQuAD)."""
+    s = "".join(ch for ch in s.lower() if ch not in _PUNCT)
+    s = re.sub(r"\b(a|an|the)\b", " ", s)
+    return " ".join(s.split())
+
+
+def first_line(s: str) -> str:
+    for line in s.strip().splitlines():
+        if line.strip():
+            return line.strip()
+    return ""
+
+
+def exact_match(prediction: str, answers: list[str]) -> bool:
+    """Strict: the first non-empty line of the prediction, normalised, equals an answer, normalised."""
+    p = normalize_answer(first_line(prediction))
+    return any(p == normalize_answer(a) for a in answers)
+
+
+def lenient_match(prediction: str, answers: list[str]) -> bool:
+    """Lenient: an accepted answer occurs in the prediction, case-insensitively."""
+    p = prediction.lower()
+    return any(a.lower() in p for a in answers)
+
+
+def _f1(pred_tokens: list[str], gold_tokens: list[str]) -> float:
+    if not pred_tokens or not gold_tokens:
+        return float(pred_tokens == gold_tokens)
+    same = sum((Counter(pred_tokens) & Counter(gold_tokens)).values())
+    if same == 0:
+        return 0.0
+    precision, recall = same / len(pred_tokens), same / len(gold_tokens)
+    return 2 * precision * recall / (precision + recall)
+
+
+def token_f1(prediction: str, answers: list[str]) -> float:
+    """SQuAD token F1 of the whole prediction, best over the accepted answers."""
+    p = normalize_answer(prediction).split()
+    return max(_f1(p, normalize_answer(a).split()) for a in answers)
+
+
+def qa_scores(prediction: str, answers: list[str]) -> dict:
+    """{"lenient", "strict", "f1"} of one prediction (each in [0, 1])."""
+    return {"lenient": float(lenient_match(prediction, answers)), "strict": float(exact_match(prediction, answers)),
+            "f1": token_f1(prediction, answers)}
+
+
+def mean(xs) -> float:
+    """Mean of the values that are not None or NaN; NaN when there are none."""
+    xs = [x for x in xs if x is not None and not (isinstance(x, float) and math.isnan(x))]
+    return sum(xs) / len(xs) if xs else math.nan
+
+
+# ------------------------------------------------------------------------------------------
+# Language modelling
+# ------------------------------------------------------------------------------------------
 
 @torch.no_grad()
 def target_logprobs(model, prefix: list[int], context: list[int], target: list[int], chunk: int = 512) -> torch.Tensor:
@@ -32,19 +109,75 @@ def target_logprobs(model, prefix: list[int], context: list[int], target: list[i
     return torch.cat(rows, 0)
 
 
+def lm_logprobs(model, prefix: list[int], context: list[int], target: list[int]) -> torch.Tensor:
+    """(len(target) - 1, V) log-probabilities of target[1:], whatever the context (target[0] is
+    skipped for every method, since with no context and no prefix it has no prediction), so that
+    every method is scored on the same tokens."""
+    logp = target_logprobs(model, prefix, context, target)
+    return logp[-(len(target) - 1):]
+
+
+def token_nlls(logp: torch.Tensor, target: list[int]) -> torch.Tensor:
+    """Per-token NLL (nats) of the last len(logp) target tokens: a (len(logp),) tensor."""
+    tgt = torch.tensor(list(target[len(target) - logp.shape[0]:]))
+    return -logp.gather(1, tgt[:, None])[:, 0]
+
+
+def token_kls(logp_ref: torch.Tensor, logp: torch.Tensor) -> torch.Tensor:
+    """Per-position KL(ref || other) of two (N, V) log-probability tensors, aligned at the end
+    (the longer one's first rows are dropped)."""
+    n = min(logp_ref.shape[0], logp.shape[0])
+    a, b = logp_ref[logp_ref.shape[0] - n:], logp[logp.shape[0] - n:]
+    return (a.exp() * (a - b)).sum(-1)
+
+
 def nll(logp: torch.Tensor, target: list[int]) -> float:
     """Mean NLL (nats/token) of the last len(logp) target tokens."""
-    tgt = torch.tensor(target[len(target) - logp.shape[0]:])
-    return float(-logp.gather(1, tgt[:, None]).mean())
+    return float(token_nlls(logp, target).mean())
 
 
 def kl(logp_ref: torch.Tensor, logp: torch.Tensor) -> float:
-    """Mean over positions of KL(ref || other), both (N, V) log-probabilities (aligned at the end)."""
-    n = min(logp_ref.shape[0], logp.shape[0])
-    a, b = logp_ref[-n:], logp[-n:]
-    return float((a.exp() * (a - b)).sum(-1).mean())
+    """Mean over positions of KL(ref || other) (aligned at the end)."""
+    return float(token_kls(logp_ref, logp).mean())
 
 
 def recovered(nll_none: float, nll_full: float, nll_method: float) -> float:
+    """(NLL_none - NLL_method) / (NLL_none - NLL_full): 1 = all of the context's effect kept,
+    0 = none of it, negative = worse than no context; NaN when the context made no difference."""
     gap = nll_none - nll_full
     return (nll_none - nll_method) / gap if abs(gap) > 1e-9 else math.nan
+
+
+def continuation_scores(logps: dict, target: list[int], full: str = "full", none: str = "none") -> dict:
+    """Scores of a held-out continuation `target` per method, from per-method log-probabilities
+    (lm_logprobs or target_logprobs of each method; aligned at the end, so every method is scored
+    on the same last tokens): {name: {"nll", "kl", "recovered"}}. logps[full] (the context in
+    the window) is KL's reference and, with logps[none] (no context), recovered's."""
+    n = min(v.shape[0] for v in logps.values())
+    z = list(target[len(target) - n:])
+    nlls = {k: nll(v[v.shape[0] - n:], z) for k, v in logps.items()}
+    ref = logps[full][logps[full].shape[0] - n:]
+    return {k: {"nll": nlls[k], "kl": kl(ref, v[v.shape[0] - n:]),
+                "recovered": recovered(nlls[none], nlls[full], nlls[k])} for k, v in logps.items()}
+
+
+def bucket_means(values: list[float], n_buckets: int) -> tuple[list[float], list[int]]:
+    """Means of `values` over n_buckets contiguous, near-equal buckets; also the bucket starts."""
+    n = len(values)
+    n_buckets = max(1, min(n_buckets, n))
+    edges = [round(i * n / n_buckets) for i in range(n_buckets + 1)]
+    return [sum(values[a:b]) / (b - a) for a, b in zip(edges, edges[1:])], edges[:-1]
+
+
+def nll_by_position(per_token: dict, n_buckets: int) -> dict:
+    """NLL against position after the context: per method, the per-token NLL averaged over
+    segments, then over n_buckets contiguous buckets. Positions count target tokens after the
+    context (1 = the second evaluated token, the first one every method predicts)."""
+    out = {"nll": {}, "bucket_starts": [], "bucket_centers": []}
+    for name, curves in per_token.items():
+        curve = torch.stack(curves).mean(0).tolist()
+        out["nll"][name], starts = bucket_means(curve, n_buckets)
+        ends = starts[1:] + [len(curve)]
+        out["bucket_starts"] = [s + 1 for s in starts]
+        out["bucket_centers"] = [(s + e - 1) / 2 + 1 for s, e in zip(starts, ends)]
+    return out

@@ -139,6 +139,11 @@ class RMSNorm(nn.Module):
         return self.weight * xf.to(x.dtype)
 
 
+def kv_cache_bytes(cfg: "LlamaConfig", n_tokens: int, element_size: int) -> int:
+    """Bytes of keys + values for n_tokens over every layer (the one KV-size formula)."""
+    return 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * n_tokens * element_size
+
+
 class KVCache:
     """Preallocated keys/values for every layer: (n_layers, B, n_kv_heads, max_len, head_dim)."""
 

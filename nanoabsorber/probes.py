@@ -125,14 +125,7 @@ def question_ids(tok, question: str, doc: Optional[str] = None, system: Optional
 
 def answer(model, tok, question: str, doc: Optional[str] = None, max_tokens: int = 32) -> str:
     """Greedy answer to `question`, with the document in the prompt when `doc` is given."""
-    from .sampling import generate
+    from .sampling import greedy
 
-    out = [t for t in generate(model, question_ids(tok, question, doc), max_tokens, 0.0, stop_ids=tok.stop_ids)
-           if t not in tok.stop_ids]
-    return tok.decode(out).strip()
-
-
-def is_correct(prediction: str, answers: list[str]) -> bool:
-    """Lenient match: any accepted answer appears in the prediction (case-insensitive)."""
-    p = prediction.lower()
-    return any(a.lower() in p for a in answers)
+    out = greedy(model, question_ids(tok, question, doc), max_tokens, tok.stop_ids)
+    return tok.decode([t for t in out if t not in tok.stop_ids]).strip()

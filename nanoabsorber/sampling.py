@@ -53,13 +53,19 @@ def generate(model: Llama, prompt_ids: list[int], max_new_tokens: int, temperatu
         logits = model(nxt.view(1, 1), cache=cache)[:, -1]
 
 
+def greedy(model: Llama, prompt_ids: list[int], max_new_tokens: int, stop_ids=()) -> list[int]:
+    """The one greedy-decoding helper: new token ids after `prompt_ids` (a stop id, if produced,
+    is kept at the end)."""
+    return list(generate(model, list(prompt_ids), max_new_tokens, 0.0, stop_ids=stop_ids))
+
+
 def generate_text(model, tokenizer, prompt: str, max_new_tokens: int = 64, chat: bool = False,
                   temperature: float = 0.0, **kw) -> str:
     """Convenience: prompt string -> completion string (stop token not included)."""
     if chat:
         prompt = tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
     ids = tokenizer.encode(prompt, bos=tokenizer.add_bos)
-    out = [t for t in generate(model, ids, max_new_tokens, temperature, stop_ids=tokenizer.stop_ids, **kw)]
+    out = list(generate(model, ids, max_new_tokens, temperature, stop_ids=tokenizer.stop_ids, **kw))
     if out and out[-1] in tokenizer.stop_ids:
         out = out[:-1]
     return tokenizer.decode(out)

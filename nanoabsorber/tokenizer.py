@@ -26,12 +26,13 @@ from __future__ import annotations
 import heapq
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
 import regex
+
+from .errors import UserError
 
 __all__ = [
     "TokenizerError",
@@ -44,7 +45,7 @@ __all__ = [
 ]
 
 
-class TokenizerError(ValueError):
+class TokenizerError(UserError, ValueError):
     """A tokenizer file could not be used. The message is one line: "<path>: <problem>"."""
 
 
@@ -607,15 +608,9 @@ class ByteBPETokenizer(Tokenizer):
 
     def save_tokenizer_json(self, path: str | os.PathLike) -> None:
         """Write a HF tokenizer.json (atomically: a temp file in the same folder, then os.replace)."""
-        path = Path(path)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                json.dump(self.to_tokenizer_json(), f, ensure_ascii=False, indent=1)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        from .io import atomic_write
+
+        atomic_write(path, lambda f: json.dump(self.to_tokenizer_json(), f, ensure_ascii=False, indent=1), "w")
 
     # ---- encode / decode ----------------------------------------------------------------
 

@@ -1,5 +1,10 @@
-"""Pieces of train.py that are worth testing on their own: model presets, the learning-rate
-schedule, checkpoint writing (LoRA merged on the fly) and the training-state file.
+"""train.py's settings and the pieces of it worth testing on their own: model presets, the
+learning-rate schedule, saving a LoRA model merged, and the training-state file.
+
+Settings: TrainConfig groups them (data, model, LoRA, optimization, evaluation/logging,
+system); each field declares its default, help and check once, and train.py builds its flags
+from them (nanoabsorber.config). Settings whose default depends on others (lr, min-lr,
+decay-steps, dtype) are None until TrainConfig.resolved() makes them concrete.
 
 The training state is one safetensors file (never pickle):
   param.<name>              trainable parameters (all of them, or only the LoRA ones)
@@ -7,21 +12,29 @@ The training state is one safetensors file (never pickle):
   rng.torch.rank<r>         torch CPU RNG state (uint8) of every rank
   rng.cuda.rank<r>          CUDA RNG state of every rank's device, when on CUDA
 and in its metadata, under "nanoabsorber.train_state", a JSON string with the step, the data
-position, the model config, the run signature (what must match to resume) and the arguments.
+position, the model config, the run signature (what must match to resume) and the settings.
 numpy and Python's `random` are not used for anything random (the data order is a pure function
 of (seed, epoch)), so they have no state to keep.
 """
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import hashlib
 import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import torch
 from safetensors import SafetensorError, safe_open
 
-from .checkpoint import CONFIG_KEY, CheckpointError, atomic_save_file, atomic_write_text, hf_state_dict, ours_to_hf
+from .config import non_negative, positive, setting, validate
+from .data import MIN_VOCAB
+from .errors import CheckpointError, ConfigError
+from .io import atomic_save_safetensors
+from .lora import LoRAConfig
 from .model import LlamaConfig
 
 STATE_KEY = "nanoabsorber.train_state"
@@ -33,6 +46,9 @@ PRESETS = {
     "small": dict(dim=288, n_layers=8, n_heads=6),    # ~9.1M
     "medium": dict(dim=512, n_layers=12, n_heads=8),  # ~40M
 }
+DEFAULT_PRESET = "tiny"
+LR_SCRATCH, LR_FINETUNE = 1e-3, 1e-4   # peak learning rate: from scratch or LoRA / full fine-tuning
+SHAPE_FLAGS = ("preset", "n_layers", "dim", "n_heads", "n_kv_heads", "hidden_dim")
 
 
 def hidden_dim_for(dim: int) -> int:
@@ -46,6 +62,169 @@ def model_config(vocab_size: int, seq_len: int, dim: int, n_layers: int, n_heads
                        hidden_dim=hidden_dim or hidden_dim_for(dim), max_seq_len=seq_len, norm_eps=1e-5,
                        rope_theta=10000.0, tie_embeddings=tie_embeddings, bos_id=bos_id, eos_id=eos_id)
 
+
+# ----------------------------------------------------------------------------- settings
+
+def _exists(v: str) -> str | None:
+    return None if Path(v).exists() else "no such file or directory"
+
+
+def _folder_or_new(v: str) -> str | None:
+    """A folder, or a path where one can be made (its first existing ancestor is a folder)."""
+    p = Path(v)
+    if p.exists():
+        return None if p.is_dir() else "exists and is not a folder"
+    parent = next((a for a in p.parents if a.exists()), None)
+    return None if parent is None or parent.is_dir() else f"cannot make a folder here ({parent} is a file)"
+
+
+def _out_folder(v: str) -> str | None:
+    if Path(v).suffix == ".safetensors":
+        return "must be a folder (it gets model.safetensors, config.json, ...), not a .safetensors file"
+    return _folder_or_new(v)
+
+
+def _unit(v: float) -> str | None:
+    return None if 0 <= v < 1 else f"must be in [0, 1), not {v}"
+
+
+def _at_least(lo: int):
+    return lambda v: None if v >= lo else f"must be >= {lo}, not {v}"
+
+
+@dataclass
+class DataConfig:
+    data: Optional[str] = setting(None, "a UTF-8 text file, or a folder of them (hidden files skipped); required",
+                                  check=_exists, metavar="PATH")
+    out: Optional[str] = setting(None, "output folder (checkpoint, tokenizer, training state, log); required",
+                                 check=_out_folder, metavar="DIR")
+    cache_dir: Optional[str] = setting(None, "where tokenized data is cached (automatic: beside the data, or the "
+                                             "user cache if that folder is read-only)",
+                                       check=_folder_or_new, metavar="DIR")
+    val_frac: float = setting(0.05, "fraction of tokens (at the end) held out for validation (0 = none)",
+                              check=_unit)
+    tokenizer: Optional[str] = setting(None, "use this tokenizer (folder or file) instead of training one",
+                                       check=_exists, metavar="PATH")
+    vocab_size: int = setting(4096, "vocabulary of the SentencePiece tokenizer trained on the data",
+                              check=_at_least(MIN_VOCAB))
+
+    def __post_init__(self):
+        validate(self)
+        for name in ("data", "out"):
+            if getattr(self, name) is None:
+                raise ConfigError(name, "is required")
+
+
+@dataclass
+class ModelConfig:
+    init: Optional[str] = setting(None, "continue training this checkpoint: folder, .safetensors or .gguf "
+                                        "('default' = the default model)",
+                                  check=lambda v: None if v == "default" else _exists(v), metavar="CKPT")
+    preset: Optional[str] = setting(None, f"model size: tiny ~1M, small ~10M, medium ~40M parameters "
+                                          f"(automatic: {DEFAULT_PRESET})", choices=tuple(PRESETS))
+    n_layers: Optional[int] = setting(None, "transformer blocks (overrides the preset)", check=positive)
+    dim: Optional[int] = setting(None, "model width (overrides the preset)", check=positive)
+    n_heads: Optional[int] = setting(None, "attention heads (overrides the preset)", check=positive)
+    n_kv_heads: Optional[int] = setting(None, "key/value heads for grouped-query attention (automatic: n-heads)",
+                                        check=positive)
+    hidden_dim: Optional[int] = setting(None, "MLP width (automatic: 8/3 dim, rounded up to 32)", check=positive)
+    tie_embeddings: bool = setting(True, "share the input embedding and the output head")
+    seq_len: int = setting(256, "tokens per training sequence (a new model's max_seq_len)", check=positive)
+    lora: bool = setting(False, "train LoRA adapters (--lora-rank ...) instead of all weights; needs --init")
+
+    def __post_init__(self):
+        validate(self)
+        if self.init:
+            given = next((n for n in SHAPE_FLAGS if getattr(self, n) is not None), None)
+            if given:
+                raise ConfigError(given, "cannot be combined with --init (the model's shape comes from the checkpoint)")
+            return
+        if self.lora:
+            raise ConfigError("lora", "needs --init (LoRA adapts an existing model)")
+        try:
+            self.llama_config(vocab_size=MIN_VOCAB)       # a bad shape fails here, before any data work
+        except ValueError as e:
+            raise ConfigError("n_kv_heads" if "n_kv_heads" in str(e) else "n_heads", str(e)) from None
+
+    def llama_config(self, vocab_size: int, bos_id=None, eos_id=None) -> LlamaConfig:
+        """The config of a new model: the preset, with the given fields overriding it."""
+        preset = PRESETS[self.preset or DEFAULT_PRESET]
+        return model_config(vocab_size=vocab_size, seq_len=self.seq_len, dim=self.dim or preset["dim"],
+                            n_layers=self.n_layers or preset["n_layers"], n_heads=self.n_heads or preset["n_heads"],
+                            n_kv_heads=self.n_kv_heads, hidden_dim=self.hidden_dim,
+                            tie_embeddings=self.tie_embeddings, bos_id=bos_id, eos_id=eos_id)
+
+
+@dataclass
+class OptimConfig:
+    batch_size: int = setting(16, "sequences per forward pass, per process", check=positive)
+    grad_accum: int = setting(1, "forward passes per optimizer step, in all (a multiple of the number of processes)",
+                              check=positive)
+    max_steps: int = setting(1000, "stop after this many optimizer steps", check=positive)
+    lr: Optional[float] = setting(None, f"peak learning rate (automatic: {LR_SCRATCH:g} from scratch or with LoRA, "
+                                        f"{LR_FINETUNE:g} full fine-tuning)", check=positive)
+    min_lr: Optional[float] = setting(None, "learning rate at the end of the cosine (automatic: lr/10)",
+                                      check=non_negative)
+    warmup_steps: int = setting(100, "linear warmup steps", check=non_negative)
+    decay_steps: Optional[int] = setting(None, "step where the cosine reaches min-lr (automatic: max-steps; keep it "
+                                               "when extending a run)", check=positive)
+    weight_decay: float = setting(0.1, "AdamW weight decay (matrices only)", check=non_negative)
+    beta1: float = setting(0.9, "AdamW beta1", check=_unit)
+    beta2: float = setting(0.95, "AdamW beta2", check=_unit)
+    grad_clip: float = setting(1.0, "clip the gradient norm to this (0 = off)", check=non_negative)
+
+    def __post_init__(self):
+        validate(self)
+
+
+@dataclass
+class LogConfig:
+    eval_every: int = setting(100, "validation loss every this many steps (0 = only at the end)", check=non_negative)
+    eval_batches: int = setting(20, "validation batches (of --batch-size) per evaluation", check=positive)
+    log_every: int = setting(10, "progress line every this many steps", check=positive)
+    save_every: int = setting(500, "checkpoint every this many steps (0 = only at the end)", check=non_negative)
+    resume: bool = setting(False, "continue the run in --out from its last checkpoint")
+
+    def __post_init__(self):
+        validate(self)
+
+
+@dataclass
+class SystemConfig:
+    dtype: Optional[str] = setting(None, "autocast dtype (automatic: bfloat16 on CUDA, float32 on CPU); weights "
+                                         "stay float32", choices=("float32", "bfloat16"))
+    seed: int = setting(1337, "random seed (model init, data order)", check=non_negative)
+
+    def __post_init__(self):
+        validate(self)
+
+
+@dataclass
+class TrainConfig:
+    """Every setting of train.py (the device and threads come from nanoabsorber.cli.RunConfig)."""
+    data: DataConfig = setting(default_factory=DataConfig, help="data")
+    model: ModelConfig = setting(default_factory=ModelConfig, help="model")
+    lora: LoRAConfig = setting(default_factory=LoRAConfig, help="LoRA (with --lora)", prefix="lora-")
+    optim: OptimConfig = setting(default_factory=OptimConfig, help="optimization")
+    log: LogConfig = setting(default_factory=LogConfig, help="evaluation, logging, checkpoints")
+    system: SystemConfig = setting(default_factory=SystemConfig, help="precision and randomness")
+
+    def __post_init__(self):
+        if self.model.init and self.data.tokenizer:
+            raise ConfigError("tokenizer", "cannot be combined with --init (the checkpoint's tokenizer is kept)")
+
+    def resolved(self, device: str) -> "TrainConfig":
+        """A copy with the automatic settings made concrete: lr, min-lr, decay-steps, dtype."""
+        o = self.optim
+        lr = o.lr or (LR_FINETUNE if self.model.init and not self.model.lora else LR_SCRATCH)
+        optim = dataclasses.replace(o, lr=lr, min_lr=lr / 10 if o.min_lr is None else o.min_lr,
+                                    decay_steps=o.decay_steps or o.max_steps)
+        system = dataclasses.replace(self.system, dtype=self.system.dtype
+                                     or ("bfloat16" if device.startswith("cuda") else "float32"))
+        return dataclasses.replace(self, optim=optim, system=system)
+
+
+# ----------------------------------------------------------------------------- schedule and optimizer
 
 def get_lr(step: int, lr: float, min_lr: float, warmup: int, decay_steps: int) -> float:
     """Linear warmup to lr over `warmup` steps (step 0 already gets lr/(warmup+1)), then cosine
@@ -72,29 +251,24 @@ def param_groups(model, weight_decay: float) -> tuple[list[dict], list[str]]:
 
 # ----------------------------------------------------------------------------- checkpoints
 
-def merged_hf_state_dict(model, dtype=None) -> dict:
-    """The model's weights under HF names with every LoRA update added in (out of place: the
-    training model is not touched, so training continues bit-for-bit)."""
-    from .lora import LoRALinear
+@contextlib.contextmanager
+def lora_merged(model):
+    """The LoRA updates merged into the weights for the block (to save a plain checkpoint with
+    nanoabsorber.checkpoint.save_checkpoint); afterwards the exact former weights are put back,
+    so training continues bit for bit. A model without LoRA is left as it is."""
+    from .lora import lora_modules
 
-    sd = hf_state_dict(model, dtype)
-    for name, mod in model.named_modules():
-        if isinstance(mod, LoRALinear) and not mod.merged:
-            key = ours_to_hf(name + ".weight")
-            sd[key] = (sd[key].float() + mod.delta_weight().detach().float().cpu()).to(sd[key].dtype).contiguous()
-    return sd
-
-
-def save_model(model, out_dir, extra_metadata: dict | None = None) -> Path:
-    """out_dir/model.safetensors (config in its metadata) + config.json, both atomic: a folder
-    that nanoabsorber.load and sample.py read as it is. LoRA, if any, is merged in."""
-    out_dir = Path(out_dir)
-    meta = {CONFIG_KEY: json.dumps(model.cfg.to_dict()), "format": "pt"}
-    meta.update({k: str(v) for k, v in (extra_metadata or {}).items()})
-    atomic_write_text(out_dir / "config.json", json.dumps(model.cfg.to_hf(), indent=2))
-    path = out_dir / "model.safetensors"
-    atomic_save_file(merged_hf_state_dict(model), path, metadata=meta)
-    return path
+    mods = [m for m in lora_modules(model) if not m.merged]
+    kept = [m.weight.detach().clone() for m in mods]
+    try:
+        for m in mods:
+            m.merge()
+        yield model
+    finally:
+        with torch.no_grad():
+            for m, w in zip(mods, kept):
+                m.weight.copy_(w)
+                m.merged = False
 
 
 def weights_sha256(model) -> str:
@@ -137,8 +311,8 @@ def load_optimizer_tensors(opt: torch.optim.Optimizer, names: list[str], tensors
 
 
 def save_train_state(path, tensors: dict, info: dict) -> None:
-    atomic_save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, path,
-                     metadata={STATE_KEY: json.dumps(info), "format": "pt"})
+    atomic_save_safetensors({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, path,
+                            metadata={STATE_KEY: json.dumps(info), "format": "pt"})
 
 
 def read_train_state_info(path) -> dict:
@@ -185,6 +359,7 @@ def format_duration(s: float) -> str:
     return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
 
 
-__all__ = ["PRESETS", "STATE_FILE", "hidden_dim_for", "model_config", "get_lr", "param_groups",
-           "merged_hf_state_dict", "save_model", "weights_sha256", "optimizer_tensors", "load_optimizer_tensors",
+__all__ = ["PRESETS", "DEFAULT_PRESET", "STATE_FILE", "DataConfig", "ModelConfig", "OptimConfig", "LogConfig",
+           "SystemConfig", "TrainConfig", "hidden_dim_for", "model_config", "get_lr", "param_groups",
+           "lora_merged", "weights_sha256", "optimizer_tensors", "load_optimizer_tensors",
            "save_train_state", "read_train_state_info", "read_train_state", "signature_diff", "format_duration"]

@@ -6,14 +6,12 @@ torch + transformers + safetensors, from the repo root:
 It compares logits (max abs difference) on random inputs for the default model and for random tiny
 configs covering GQA, explicit head_dim, llama3 rope_scaling, attention/mlp bias, tied/untied heads.
 """
-import json
 import sys
 import tempfile
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from transformers import LlamaConfig as HFConfig, LlamaForCausalLM  # noqa: E402
 
 from nanoabsorber.checkpoint import load_model  # noqa: E402

@@ -1,11 +1,8 @@
 """Absorber invariants on tiny random models: zero loss without context, steps reduce the loss,
 every objective runs through one loop, streaming memory is bounded by n + m, the student's
 sequence starts with the same prefix (BOS) as generation, non-finite losses keep the last good
-adapter, and absorb.py's bad-input paths."""
+adapter."""
 import math
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -14,21 +11,8 @@ from hypothesis import strategies as st
 
 import nanoabsorber.absorber as ab
 from nanoabsorber.absorber import AbsorbConfig, absorb_chunk, absorb_stream, chunk_windows, teacher_targets
-from nanoabsorber.lora import apply_lora, lora_state_dict
-from tests.test_model import tiny
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def lora_model(seed=0, layers=2):
-    m = tiny(seed=seed, layers=layers)
-    apply_lora(m, "all", 4, 8)
-    return m
-
-
-def ids(n, seed=0, vocab=97):
-    return torch.randint(0, vocab, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
-
+from nanoabsorber.lora import lora_state_dict
+from tests.conftest import ids, lora_model
 
 @pytest.mark.parametrize("loss", ["l1", "mse", "l1_norm", "kl", "hybrid"])
 def test_sync_loss_is_zero_when_x_is_empty(loss):
@@ -146,7 +130,7 @@ def test_student_sequence_starts_with_bos_like_generation(monkeypatch):
             return ([1] if bos else []) + [3 + (ord(c) % 90) for c in text]
 
     m = lora_model()
-    ab.absorb_text(m, Tok(), "some text " * 8, AbsorbConfig(steps=1, chunk=40, sync_len=20, gen_tokens=8), probes="")
+    ab.absorb_text(m, Tok(), "some text " * 8, AbsorbConfig(steps=1, chunk=40, sync_len=20, gen_tokens=8, probes=""))
     prefix, x, ys = captured[0][0]
     assert prefix == [1] and x[0] != 1
     t = real_tt(m, captured[0], True, False)
@@ -173,22 +157,6 @@ def test_non_finite_loss_keeps_last_good_adapter(monkeypatch):
     for k, v in lora_state_dict(m).items():
         assert torch.equal(v, snapshots[1][k]) and not torch.equal(v, snapshots[2][k])
         assert torch.isfinite(v).all()
-
-
-# ----------------------------------------------------------------------------- absorb.py input errors
-
-@pytest.mark.parametrize("content,match", [(b"", "is empty"), (b"   \n\n", "is empty"),
-                                            (b"\x00\x01\x02binary", "binary"), (b"\xff\xfe\xfa", "not UTF-8")])
-def test_absorb_cli_rejects_bad_context(tmp_path, content, match):
-    f = tmp_path / "ctx.txt"
-    f.write_bytes(content)
-    out = tmp_path / "a.safetensors"
-    r = subprocess.run([sys.executable, str(ROOT / "absorb.py"), "--context", str(f), "--out", str(out)],
-                       capture_output=True, text=True, cwd=tmp_path)
-    assert r.returncode == 2, r.stderr
-    err = [line for line in r.stderr.splitlines() if line.startswith("error:")]
-    assert len(err) == 1 and str(f) in err[0] and match in err[0] and "Traceback" not in r.stderr
-    assert not out.exists() and not list(tmp_path.glob("*.tmp"))
 
 
 def test_absorbing_after_generating_in_the_same_process():
@@ -234,27 +202,12 @@ def test_automatic_lr_and_gen_tokens_depend_on_what_y_is_made_of():
     assert (cfg.resolved(True).lr, cfg.resolved(True).gen_tokens) == (ab.PROBE_LR, 0)
     assert (cfg.resolved(False).lr, cfg.resolved(False).gen_tokens) == (ab.RAW_TEXT_LR, ab.RAW_GEN_TOKENS)
     assert AbsorbConfig(lr=5e-4, gen_tokens=7).resolved(True) == AbsorbConfig(lr=5e-4, gen_tokens=7)  # explicit wins
-    assert ab.uses_chat_probes(Chat(), "recite")
-    assert not ab.uses_chat_probes(Chat(), "")                            # no probes: raw-text Y only
-    assert not ab.uses_chat_probes(Raw(), "recite")                       # not a chat model
-    assert not ab.uses_chat_probes(Chat(), "recite", "ntp")
+    assert ab.uses_chat_probes(Chat(), AbsorbConfig(probes="recite"))
+    assert not ab.uses_chat_probes(Chat(), AbsorbConfig(probes=""))      # no probes: raw-text Y only
+    assert not ab.uses_chat_probes(Raw(), AbsorbConfig(probes="recite"))  # not a chat model
+    assert not ab.uses_chat_probes(Chat(), AbsorbConfig(probes="recite", objective="ntp"))
+    assert ab.resolve_config(Raw(), cfg).lr == ab.RAW_TEXT_LR
+    assert ab.resolve_config(Chat(), cfg).lr == ab.PROBE_LR
     with pytest.raises(ValueError, match="unknown probe"):
         ab.probe_kinds("recite,summary")
 
-
-def test_continue_probes_start_at_every_sentence_and_stay_in_their_paragraph():
-    from nanoabsorber.probes import continue_probes
-
-    text = "Anna keeps bees in a garden. Her hives are blue and old.\n\nThe town of Vell has one bridge over it."
-    pr = continue_probes(text, words=3)
-    assert [q for q, _ in pr] == ['Continue the text from "Anna keeps bees".',
-                                  'Continue the text from "Her hives are".',
-                                  'Continue the text from "The town of".']
-    assert pr[0][1] == "in a garden. Her hives are blue and old."      # rest of the paragraph, not the next one
-    assert pr[2][1] == "Vell has one bridge over it."
-
-
-def test_absorb_cli_rejects_unknown_probe_kind(tmp_path):
-    r = subprocess.run([sys.executable, str(ROOT / "absorb.py"), "--probes", "recite,summary"],
-                       capture_output=True, text=True, cwd=tmp_path)
-    assert r.returncode == 2 and "unknown probe kind" in r.stderr and "Traceback" not in r.stderr

@@ -3,25 +3,13 @@ permutation, dtype handling, and one-line errors for bad files."""
 import json
 import subprocess
 import sys
-from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
 
 from nanoabsorber.checkpoint import CheckpointError, hf_state_dict, load_model, save_checkpoint
-from nanoabsorber.gguf_convert import read_gguf, unpermute
-from tests.test_model import tiny
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def same_logits(a, b, atol=0.0):
-    idx = torch.randint(0, a.cfg.vocab_size, (1, 9))
-    with torch.no_grad():
-        torch.testing.assert_close(a(idx), b(idx), atol=atol, rtol=atol)
-
+from tests.conftest import ROOT, same_logits, tiny
 
 @pytest.mark.parametrize("tie", [False, True])
 def test_own_checkpoint_round_trip(tmp_path, tie):
@@ -67,67 +55,6 @@ def test_dtype_handling(tmp_path, store):
     with torch.no_grad():
         assert torch.isfinite(mb(idx)).all()
 
-
-def llama_cpp_permute(w, n_head):
-    """llama.cpp convert_hf_to_gguf.py LlamaModel.permute, written out independently."""
-    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
-
-
-def test_unpermute_inverts_llama_cpp_permute():
-    w = np.random.randn(6 * 8, 5).astype(np.float32)
-    assert np.array_equal(unpermute(llama_cpp_permute(w, 6), 6), w)
-    assert not np.array_equal(llama_cpp_permute(w, 6), w)
-
-
-def write_gguf(m, path):
-    import gguf
-
-    c = m.cfg
-    w = gguf.GGUFWriter(str(path), "llama")
-    w.add_block_count(c.n_layers)
-    w.add_context_length(c.max_seq_len)
-    w.add_embedding_length(c.dim)
-    w.add_feed_forward_length(c.hidden_dim)
-    w.add_head_count(c.n_heads)
-    w.add_head_count_kv(c.n_kv_heads)
-    w.add_layer_norm_rms_eps(c.norm_eps)
-    w.add_rope_freq_base(c.rope_theta)
-    w.add_vocab_size(c.vocab_size)
-    inv = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
-           "lm_head.weight": "output.weight"}
-    parts = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm", "self_attn.q_proj": "attn_q",
-             "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
-             "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
-    for k, t in hf_state_dict(m).items():
-        a = t.numpy()
-        if k in inv:
-            name = inv[k]
-        else:
-            i = k.split(".")[2]
-            mid = ".".join(k.split(".")[3:-1])
-            name = f"blk.{i}.{parts[mid]}.weight"
-            if "q_proj" in k:
-                a = llama_cpp_permute(a, c.n_heads)
-            if "k_proj" in k:
-                a = llama_cpp_permute(a, c.n_kv_heads)
-        w.add_tensor(name, np.ascontiguousarray(a))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-
-
-@pytest.mark.parametrize("tie", [False, True])
-def test_gguf_reader_unpermutes(tmp_path, tie):
-    m = tiny(n_heads=4, n_kv_heads=2, dim=32, tie=tie)
-    write_gguf(m, tmp_path / "m.gguf")
-    cfg, sd, _ = read_gguf(tmp_path / "m.gguf")
-    assert cfg.tie_embeddings == tie and cfg.n_kv_heads == 2 and cfg.head_dim == 8
-    m2, _ = load_model(tmp_path / "m.gguf")
-    same_logits(m, m2, atol=1e-6)
-
-
-# ------------------------------------------------------------------ bad input
 
 def expect_error(path, match):
     with pytest.raises(CheckpointError, match=match) as e:
@@ -190,31 +117,3 @@ def test_cli_bad_checkpoint_is_one_line(tmp_path):
     err = [l for l in r.stderr.splitlines() if l.startswith("error:")]
     assert len(err) == 1 and str(bad) in err[0] and "Traceback" not in r.stderr
 
-
-def test_interrupted_gguf_conversion_leaves_nothing_that_loads(tmp_path, monkeypatch):
-    import nanoabsorber.gguf_convert as gc
-    import nanoabsorber.tokenizer as tk
-
-    m = tiny()
-    write_gguf(m, tmp_path / "m.gguf")
-
-    class FakeTok:
-        special_tokens, bos_id, eos_id, pad_id, add_bos, chat_template = {}, None, None, None, False, None
-
-        def save_tokenizer_json(self, path):
-            Path(path).write_text("{}")
-
-    monkeypatch.setattr(tk.ByteBPETokenizer, "from_gguf", classmethod(lambda cls, r: FakeTok()))
-
-    def boom(*a, **kw):
-        raise KeyboardInterrupt  # as if the user pressed Ctrl-C while the weights were written
-
-    monkeypatch.setattr(gc, "atomic_save_file", boom)
-    out = tmp_path / "cache" / "converted"
-    with pytest.raises(KeyboardInterrupt):
-        gc.convert_gguf_to_dir(tmp_path / "m.gguf", out, log=lambda s: None)
-    assert not out.exists() and list((tmp_path / "cache").iterdir()) == []
-    monkeypatch.undo()
-    monkeypatch.setattr(tk.ByteBPETokenizer, "from_gguf", classmethod(lambda cls, r: FakeTok()))
-    gc.convert_gguf_to_dir(tmp_path / "m.gguf", out, log=lambda s: None)
-    same_logits(m, load_model(out)[0], atol=1e-6)

@@ -8,10 +8,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors import safe_open
 
-from nanoabsorber.checkpoint import CheckpointError
+from nanoabsorber.errors import CheckpointError
 from nanoabsorber.lora import (LoRALinear, apply_lora, export_peft, load_adapter, lora_parameters, merge_lora,
                                save_adapter, unmerge_lora)
-from tests.test_model import tiny
+from tests.conftest import tiny
 
 
 def perturb(model, seed=0):

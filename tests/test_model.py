@@ -10,20 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from nanoabsorber.model import Llama, LlamaConfig, rope_inv_freq
-
-
-def tiny(n_heads=4, n_kv_heads=2, dim=32, layers=2, vocab=97, tie=False, rope_scaling=None, head_dim=None,
-         seed=0, **kw):
-    cfg = LlamaConfig(vocab_size=vocab, dim=dim, n_layers=layers, n_heads=n_heads, n_kv_heads=n_kv_heads,
-                      hidden_dim=3 * dim, max_seq_len=128, tie_embeddings=tie, rope_scaling=rope_scaling,
-                      head_dim=head_dim, rope_theta=500.0, **kw)
-    torch.manual_seed(seed)
-    m = Llama(cfg)
-    m.init_weights(std=0.2)
-    for n, p in m.named_parameters():  # non-trivial norm weights
-        if n.endswith("norm.weight"):
-            p.data.uniform_(0.5, 1.5)
-    return m.eval()
+from tests.conftest import tiny
 
 
 def naive_forward(m: Llama, idx):

@@ -1,10 +1,11 @@
-"""train.py and nanoabsorber.data on a few KB of generated text with tiny models: training lowers
-the loss below a unigram baseline, --resume is bit-exact, two gloo processes equal one, LoRA and
-full continuation of a checkpoint, the token cache, and one-line errors that overwrite nothing."""
+"""train.py end to end on a few KB of generated text with tiny models: training lowers the loss
+below a unigram baseline, --resume is bit-exact, two gloo processes equal one, LoRA and full
+continuation of a checkpoint, and errors: every bad flag value is one argparse line (exit 2)
+before any work, bad data is one line that overwrites nothing. (nanoabsorber.data and
+train_utils have their own tests: test_data.py, test_train_utils.py.)"""
 import json
 import math
 import os
-import random
 import socket
 import subprocess
 import sys
@@ -17,30 +18,10 @@ from safetensors.torch import load_file
 
 import train
 from nanoabsorber import load
-from nanoabsorber.cli import UserError
-from nanoabsorber.data import (TokenData, WindowLoader, cache_dir_for, list_data_files, prepare_tokens, read_text_chunks,
-                               token_dtype, tokenizer_hash, train_sentencepiece, unigram_entropy)
-from nanoabsorber.tokenizer import load_tokenizer
-from nanoabsorber.train_utils import get_lr
-
-ROOT = Path(__file__).resolve().parents[1]
-WORDS = ("the cat sat on a mat and dog ran to big red house over hill with small green tree under blue sky "
-         "Émile café naïve").split()
-
-
-def make_text(path: Path, n_lines=300, seed=0) -> Path:
-    """Sentences from a small vocabulary with some structure (a word often repeats its successor)."""
-    r = random.Random(seed)
-    lines = []
-    for _ in range(n_lines):
-        words = [r.choice(WORDS)]
-        for _ in range(r.randint(3, 11)):
-            words.append(WORDS[(WORDS.index(words[-1]) + 1) % len(WORDS)] if r.random() < 0.6 else r.choice(WORDS))
-        lines.append(" ".join(words).capitalize() + ".")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return path
-
+from nanoabsorber.errors import UserError
+from nanoabsorber.data import train_sentencepiece
+from tests.conftest import ROOT
+from tests.conftest import make_text
 
 TINY = ["--vocab-size", "300", "--dim", "32", "--n-layers", "2", "--n-heads", "4", "--seq-len", "32",
         "--batch-size", "4", "--warmup-steps", "2", "--log-every", "1", "--eval-batches", "2", "--val-frac", "0.1",
@@ -158,9 +139,17 @@ def test_continue_a_checkpoint_with_lora_and_fully(corpus, tmp_path):
     base = tmp_path / "base"
     train.main(["--data", str(corpus), "--out", str(base), *TINY, "--max-steps", "3"])
     lora = tmp_path / "lora"
-    train.main(["--data", str(corpus), "--out", str(lora), "--init", str(base), "--lora-rank", "4", "--lr", "1e-2",
-                "--seq-len", "32", "--batch-size", "4", "--max-steps", "4", "--warmup-steps", "1", "--log-every", "1",
-                "--eval-every", "0", "--eval-batches", "2", "--val-frac", "0.1", "--threads", "1"])
+    lora_args = ["--data", str(corpus), "--init", str(base), "--lora", "--lora-rank", "4", "--lr", "1e-2",
+                 "--seq-len", "32", "--batch-size", "4", "--warmup-steps", "1", "--log-every", "1", "--eval-every", "0",
+                 "--eval-batches", "2", "--val-frac", "0.1", "--threads", "1", "--lora-dropout", "0.1"]
+    train.main([*lora_args, "--out", str(lora), "--max-steps", "4"])
+    # saving mid-run (LoRA merged for the checkpoint, then taken out) and resuming change nothing
+    split = tmp_path / "lora-split"
+    train.main([*lora_args, "--out", str(split), "--max-steps", "2", "--save-every", "1"])
+    train.main([*lora_args, "--out", str(split), "--max-steps", "4", "--resume"])
+    for name in ("model.safetensors", "adapter.safetensors", "train_state.safetensors"):
+        a, b = load_file(lora / name), load_file(split / name)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
     assert (lora / "tokenizer.model").read_bytes() == (base / "tokenizer.model").read_bytes()
     b = load_file(base / "model.safetensors")
     m = load_file(lora / "model.safetensors")
@@ -185,82 +174,6 @@ def test_continue_a_checkpoint_with_lora_and_fully(corpus, tmp_path):
                 "--val-frac", "0.1", "--threads", "1", "--lr", "1e-2"])
     f = load_file(full / "model.safetensors")
     assert all(not torch.equal(b[k], f[k]) for k in b)
-
-
-# ----------------------------------------------------------------------------- data and cache
-
-def test_token_cache_streaming_and_readonly_fallback(corpus, tmp_path, monkeypatch):
-    spm = train_sentencepiece([corpus], 300, tmp_path, log=lambda *a: None)
-    tok = load_tokenizer(spm)
-    data_dir = tmp_path / "ro"
-    f = make_text(data_dir / "a.txt", n_lines=80, seed=1)
-    make_text(data_dir / "sub" / "b.txt", n_lines=40, seed=2)
-    (data_dir / ".hidden").write_text("ignored")
-    files = list_data_files(data_dir)
-    assert [p.name for p in files] == ["a.txt", "b.txt"]
-    # chunked (64-byte chunks) tokenization equals whole-file encoding, documents framed by BOS/EOS
-    whole = []
-    for p in files:
-        whole += [tok.bos_id] + tok.encode(p.read_text(), allow_special=False) + [tok.eos_id]
-    cache = tmp_path / "cache1"
-    cache.mkdir()
-    tf = prepare_tokens(files, tok, tokenizer_hash(spm), cache, log=lambda *a: None, chunk_bytes=64)
-    assert tf.dtype == np.uint16 and tf.n_tokens == len(whole)
-    assert np.fromfile(tf.path, dtype=np.uint16).tolist() == whole
-    # windows of seq_len + 1 from the memmap: targets are inputs shifted by one; validation is the tail
-    data = TokenData(tf.path, tf.dtype, tf.n_tokens, seq_len=8, val_frac=0.1)
-    x, y = data.batch([0, 2])
-    assert x.dtype == torch.int64 and x.shape == y.shape == (2, 8)
-    assert x[1].tolist() == whole[16:24] and y[1].tolist() == whole[17:25]
-    vx, _ = data.val_batch([0])
-    assert data.n_train_tokens + data.n_val_tokens == len(whole) and data.n_val_tokens == round(0.1 * len(whole))
-    assert vx[0].tolist() == whole[data.n_train_tokens:data.n_train_tokens + 8]
-    # reused, not rewritten; a changed file changes the key
-    mtime = tf.path.stat().st_mtime_ns
-    again = prepare_tokens(files, tok, tokenizer_hash(spm), cache, log=lambda *a: None)
-    assert again.path == tf.path and tf.path.stat().st_mtime_ns == mtime
-    f.write_text(f.read_text() + "More text.\n")
-    assert prepare_tokens(files, tok, tokenizer_hash(spm), cache, log=lambda *a: None).path != tf.path
-    # a read-only data folder (no write bits: honoured even as root) -> the user cache
-    monkeypatch.setenv("NANOABSORBER_CACHE", str(tmp_path / "usercache"))
-    assert cache_dir_for(data_dir) == data_dir / ".nanoabsorber-cache"
-    writable = tmp_path / "ro2"
-    make_text(writable / "c.txt", n_lines=5)
-    os.chmod(writable, 0o555)
-    try:
-        assert cache_dir_for(writable) == tmp_path / "usercache" / "data"
-        assert cache_dir_for(writable / "c.txt") == tmp_path / "usercache" / "data"
-        assert not (writable / ".nanoabsorber-cache").exists()
-    finally:
-        os.chmod(writable, 0o755)
-    assert cache_dir_for(writable, tmp_path / "explicit") == tmp_path / "explicit"
-    assert token_dtype(65536) == np.uint16 and token_dtype(65537) == np.uint32
-
-
-def test_read_text_chunks_cuts_at_lines_and_keeps_multibyte_characters(tmp_path):
-    text = "".join(f"ligne {i} — café ☕ {'é' * (i % 7)}\n" for i in range(200)) + "no newline at the end 😀"
-    p = tmp_path / "t.txt"
-    p.write_text(text, encoding="utf-8")
-    chunks = list(read_text_chunks(p, chunk_bytes=37))
-    assert "".join(chunks) == text and len(chunks) > 50
-    assert all(c.endswith("\n") for c in chunks[:-1])
-
-
-def test_window_loader_epochs_and_split():
-    loader = WindowLoader(10, 4, seed=3)
-    seen = [loader.next() for _ in range(4)]
-    assert sorted(np.concatenate(seen[:2]).tolist()) == sorted(set(np.concatenate(seen[:2]).tolist()))
-    assert loader.state()["epoch"] == 1 and loader.state()["pos"] == 8
-    resumed = WindowLoader(10, 4, seed=3, epoch=0, pos=8)   # continues where seen[1] stopped: next epoch
-    assert resumed.next().tolist() == seen[2].tolist()
-    assert abs(unigram_entropy(np.array([0, 1, 0, 1]), 5) - math.log(2)) < 1e-12
-
-
-def test_lr_schedule():
-    lrs = [get_lr(s, 1.0, 0.1, 10, 100) for s in range(120)]
-    assert lrs[0] == pytest.approx(1 / 11) and lrs[9] == pytest.approx(10 / 11)
-    assert lrs[10] == pytest.approx(1.0) and lrs[55] == pytest.approx(0.55)
-    assert lrs[100] == lrs[119] == 0.1 and all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
 
 
 # ----------------------------------------------------------------------------- bad input
@@ -310,3 +223,82 @@ def test_command_line_error_is_one_line_and_exit_2(tmp_path):
     last = r.stderr.strip().splitlines()[-1]
     assert last.startswith("error: ") and "binary file" in last and "Traceback" not in r.stderr
     assert not (tmp_path / "o").exists()
+
+
+# ----------------------------------------------------------------------------- bad flags
+
+def bad_values(tmp_path: Path) -> dict:
+    """flag -> invalid values; the test below checks that every flag of train.py has some."""
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    ints = lambda *v: [str(x) for x in v] + ["1.5"]        # noqa: E731
+    floats = lambda *v: [str(x) for x in v] + ["abc"]      # noqa: E731
+    return {
+        "--data": [str(tmp_path / "missing")],
+        "--out": [str(a_file), str(a_file / "sub"), str(tmp_path / "m.safetensors")],
+        "--cache-dir": [str(a_file), str(a_file / "sub" / "sub")], "--val-frac": floats(-0.1, 1), "--tokenizer": [str(tmp_path / "missing")],
+        "--vocab-size": ints(259, 0), "--init": [str(tmp_path / "missing")], "--preset": ["huge"],
+        "--n-layers": ints(0), "--dim": ints(-8), "--n-heads": ints(0), "--n-kv-heads": ints(0),
+        "--hidden-dim": ints(0), "--tie-embeddings": ["=x"], "--no-tie-embeddings": ["=x"], "--seq-len": ints(0),
+        "--lora": ["=x", ""], "--no-lora": ["=x"], "--lora-rank": ints(0), "--lora-alpha": floats(0),
+        "--lora-targets": ["qq", ","], "--lora-dropout": floats(1.0, -0.1),
+        "--batch-size": ints(0, -1), "--grad-accum": ints(0), "--max-steps": ints(0, -3), "--lr": floats(0, -1e-3),
+        "--min-lr": floats(-1), "--warmup-steps": ints(-1), "--decay-steps": ints(0), "--weight-decay": floats(-0.1),
+        "--beta1": floats(1, -0.5), "--beta2": floats(1.5), "--grad-clip": floats(-1),
+        "--eval-every": ints(-1), "--eval-batches": ints(0), "--log-every": ints(0), "--save-every": ints(-1),
+        "--resume": ["=x"], "--no-resume": ["=x"], "--dtype": ["float16", "int8"], "--seed": ints(-1),
+        "--device": ["tpu"], "--attn": ["flash"], "--threads": ints(0, -2),
+    }
+
+
+def test_every_bad_flag_value_is_one_argparse_line_and_exit_2(corpus, tmp_path, capsys, monkeypatch):
+    def boom(*a, **k):
+        raise AssertionError("slow work started before the flags were checked")
+
+    monkeypatch.setattr(train, "start_processes", boom)
+    monkeypatch.setattr(train, "train", boom)
+    bad = bad_values(tmp_path)
+    flags = {s for a in train.build_parser()._actions for s in a.option_strings} - {"-h", "--help"}
+    assert flags == set(bad)                                 # a new flag needs its bad values here
+    out = tmp_path / "out"
+    base = ["--data", str(corpus), "--out", str(out)]
+    n = 0
+    for flag, values in bad.items():
+        for v in values:
+            argv = base + ([flag + v] if v.startswith("=") or v == "" else [flag, v])
+            with pytest.raises(SystemExit) as e:
+                train.main(argv)
+            err = capsys.readouterr().err
+            assert e.value.code == 2, (argv, err)
+            lines = err.splitlines()
+            assert len(lines) == 1 and lines[0].startswith("train.py: error: argument "), (argv, err)
+            assert flag.replace("--no-", "--") in lines[0], (argv, err)
+            n += 1
+    assert n > 2 * len(bad) - 10 and not out.exists()
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--lora-rank", "4"], "argument --lora-rank: LoRA settings need --lora"),
+    (["--lora-alpha=16", "--lr", "1e-3"], "argument --lora-alpha: LoRA settings need --lora"),
+    (["--lora"], "argument --lora: needs --init"),
+    (["--init", "default", "--preset", "small"], "argument --preset: cannot be combined with --init"),
+    (["--init", "default", "--tokenizer", "."], "argument --tokenizer: cannot be combined with --init"),
+    (["--dim", "64", "--n-heads", "5"], "argument --n-heads: dim 64 is not divisible by n_heads 5"),
+    (["--n-heads", "4", "--n-kv-heads", "3"], "argument --n-kv-heads: n_heads 4 is not a multiple of n_kv_heads 3"),
+    ([], "argument --data: is required"),
+])
+def test_bad_flag_combinations(corpus, tmp_path, capsys, argv, message):
+    base = ["--data", str(corpus), "--out", str(tmp_path / "o")] if argv else ["--out", str(tmp_path / "o")]
+    with pytest.raises(SystemExit) as e:
+        train.main(base + argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and f"train.py: error: {message}" in err, err
+
+
+def test_grad_accum_must_split_over_the_processes(corpus, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(SystemExit) as e:
+        train.main(["--data", str(corpus), "--out", str(tmp_path / "o"), "--grad-accum", "3"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "argument --grad-accum: 3 is not a multiple of the 2 processes" in err
