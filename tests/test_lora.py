@@ -96,10 +96,11 @@ def test_peft_export_layout(tmp_path):
     m = tiny()
     apply_lora(m, ["q", "up"], 4, 8)
     perturb(m)
-    d = export_peft(m, tmp_path / "peft")
+    d = export_peft(m, tmp_path / "peft", base_model_name="/models/tiny")
     cfg = json.loads((d / "adapter_config.json").read_text())
     assert cfg["peft_type"] == "LORA" and cfg["r"] == 4 and cfg["lora_alpha"] == 8
     assert cfg["target_modules"] == ["q_proj", "up_proj"]
+    assert cfg["base_model_name_or_path"] == "/models/tiny" and "modules_to_save" not in cfg
     with safe_open(str(d / "adapter_model.safetensors"), "pt") as f:
         keys = set(f.keys())
         a = f.get_tensor("base_model.model.model.layers.1.self_attn.q_proj.lora_A.weight")
