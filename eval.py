@@ -44,8 +44,8 @@ from nanoabsorber import load
 from nanoabsorber.absorber import PROBE_LR, RAW_TEXT_LR, AbsorbConfig, absorb_chunk, absorb_text, chunk_windows
 from nanoabsorber.benchdocs import POSITIONS, document_segments, load_tasks, make_fact_doc, make_story
 from nanoabsorber.cli import RunConfig, check_ckpt, check_output_path, read_text_file, run, setup
-from nanoabsorber.config import (ConfigError, Parser, add_flags, build, comma_list, flag_name, non_negative, positive,
-                                 print_config, setting, validate)
+from nanoabsorber.config import (ConfigError, Parser, add_flags, build, comma_list, flag_name, folder_or_new,
+                                 non_negative, positive, print_config, setting, validate)
 from nanoabsorber.cost import environment, run_isolated
 from nanoabsorber.errors import UserError
 from nanoabsorber.io import atomic_write_text
@@ -121,12 +121,6 @@ def positive_ints(v: str) -> Optional[str]:
     return None if vals and min(vals) > 0 else f"expected positive integers, not {v!r}"
 
 
-def output_folder(v: str) -> Optional[str]:
-    if not v.strip():
-        return "must not be empty"
-    return f"{v} exists and is not a folder" if Path(v).exists() and not Path(v).is_dir() else None
-
-
 def sized(key: str, help: str, check=positive):
     """A size setting whose default is the preset's (PRESETS, with or without --quick)."""
     return setting(None, f"{help} (automatic: {PRESETS['full'][key]}; with --quick: {PRESETS['quick'][key]})",
@@ -141,7 +135,7 @@ class EvalConfig:
     only: Optional[str] = setting(None, "comma list of sections to run: lm,facts,tasks,cost (automatic: all; tasks "
                                   "only when --tasks is given)", check=comma_list(SECTIONS, empty_ok=False))
     methods: str = setting(",".join(METHODS), "comma list of methods", check=comma_list(METHODS, empty_ok=False))
-    out: str = setting("eval_out", "output folder for results.json, results.md and the plots", check=output_folder)
+    out: str = setting("eval_out", "output folder for results.json, results.md and the plots", check=folder_or_new)
     docs: Optional[tuple] = setting(None, "long UTF-8 text files for the lm and cost sections (automatic: a "
                                     "generated story)")
     tasks: Optional[str] = setting(None, 'JSONL file of {"context", "question", "answer"} for the tasks section')

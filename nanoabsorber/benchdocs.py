@@ -11,7 +11,6 @@ question-answering tasks, and evenly spaced token segments of your own long docu
 import json
 import random
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable, Optional
 
 from .errors import UserError

@@ -88,16 +88,16 @@ def read_json_file(path):
 
 
 def check_output_path(path, what: str = "output") -> None:
-    """Fail early (before any slow work) if `path` cannot be written: an existing folder where a
-    file is wanted, or a parent that is a file."""
+    """Fail early (before any slow work) if the file `path` cannot be written where it is."""
     from pathlib import Path
 
-    p = Path(path)
-    for parent in [p, *p.parents]:
-        if parent.exists():
-            if parent != p and not parent.is_dir():
-                raise UserError(f"{path}: cannot write the {what} here ({parent} is a file, not a folder)")
-            break
+    from .config import folder_or_new
+
+    problem = folder_or_new(Path(path).parent) if str(Path(path).parent) else None
+    if Path(path).is_dir():
+        problem = "is a folder"
+    if problem:
+        raise UserError(f"{path}: cannot write the {what} here ({problem})")
 
 
 def check_ckpt(run_cfg: RunConfig) -> None:

@@ -72,6 +72,19 @@ def comma_list(allowed: typing.Iterable[str], extra: typing.Iterable[str] = (), 
     return check
 
 
+def folder_or_new(v: str) -> str | None:
+    """A folder, or a path where one can be made (its first existing ancestor is a folder)."""
+    from pathlib import Path
+
+    if not str(v).strip():
+        return "must not be empty"
+    p = Path(v)
+    if p.exists():
+        return None if p.is_dir() else "exists and is not a folder"
+    parent = next((a for a in p.parents if a.exists()), None)
+    return None if parent is None or parent.is_dir() else f"cannot make a folder here ({parent} is a file)"
+
+
 def _base_type(tp):
     """(type, optional) of an annotation: Optional[int] -> (int, True)."""
     if typing.get_origin(tp) in (typing.Union, types.UnionType):

@@ -30,7 +30,7 @@ from typing import Optional
 import torch
 from safetensors import SafetensorError, safe_open
 
-from .config import non_negative, positive, setting, validate
+from .config import folder_or_new, non_negative, positive, setting, validate
 from .data import MIN_VOCAB
 from .errors import CheckpointError, ConfigError
 from .io import atomic_save_safetensors
@@ -69,19 +69,10 @@ def _exists(v: str) -> str | None:
     return None if Path(v).exists() else "no such file or directory"
 
 
-def _folder_or_new(v: str) -> str | None:
-    """A folder, or a path where one can be made (its first existing ancestor is a folder)."""
-    p = Path(v)
-    if p.exists():
-        return None if p.is_dir() else "exists and is not a folder"
-    parent = next((a for a in p.parents if a.exists()), None)
-    return None if parent is None or parent.is_dir() else f"cannot make a folder here ({parent} is a file)"
-
-
 def _out_folder(v: str) -> str | None:
     if Path(v).suffix == ".safetensors":
         return "must be a folder (it gets model.safetensors, config.json, ...), not a .safetensors file"
-    return _folder_or_new(v)
+    return folder_or_new(v)
 
 
 def _unit(v: float) -> str | None:
@@ -100,7 +91,7 @@ class DataConfig:
                                  check=_out_folder, metavar="DIR")
     cache_dir: Optional[str] = setting(None, "where tokenized data is cached (automatic: beside the data, or the "
                                              "user cache if that folder is read-only)",
-                                       check=_folder_or_new, metavar="DIR")
+                                       check=folder_or_new, metavar="DIR")
     val_frac: float = setting(0.05, "fraction of tokens (at the end) held out for validation (0 = none)",
                               check=_unit)
     tokenizer: Optional[str] = setting(None, "use this tokenizer (folder or file) instead of training one",

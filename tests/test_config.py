@@ -97,3 +97,12 @@ def test_asdict_from_dict_round_trip(steps, loss, rank, probes):
 def test_from_dict_refuses_unknown_settings():
     with pytest.raises(ConfigError, match="nonsense"):
         from_dict(AbsorbConfig, {"nonsense": 1})
+
+
+def test_folder_or_new(tmp_path):
+    from nanoabsorber.config import folder_or_new
+
+    (tmp_path / "f").write_text("x")
+    assert folder_or_new(str(tmp_path)) is None and folder_or_new(str(tmp_path / "new" / "deeper")) is None
+    assert folder_or_new(str(tmp_path / "f")) == "exists and is not a folder"
+    assert "is a file" in folder_or_new(str(tmp_path / "f" / "sub")) and folder_or_new(" ") == "must not be empty"
