@@ -42,11 +42,12 @@ import torch
 
 from nanoabsorber import load
 from nanoabsorber.absorber import PROBE_LR, RAW_TEXT_LR, AbsorbConfig, absorb_chunk, absorb_text, chunk_windows
-from nanoabsorber.benchdocs import POSITIONS, document_segments, load_tasks, make_fact_doc, make_story
+from nanoabsorber.benchdocs import (POSITIONS, document_segments, load_tasks, long_questions, make_fact_doc, make_long_doc,
+                                    make_story)
 from nanoabsorber.cli import RunConfig, check_ckpt, check_output_path, read_text_file, run, setup
 from nanoabsorber.config import (ConfigError, Parser, add_flags, build, comma_list, flag_name, folder_or_new,
                                  non_negative, positive, print_config, setting, validate)
-from nanoabsorber.cost import environment, run_isolated
+from nanoabsorber.cost import PeakMemory, environment, run_isolated
 from nanoabsorber.errors import UserError
 from nanoabsorber.io import atomic_write_text
 from nanoabsorber.lora import apply_lora, reset_lora
@@ -78,6 +79,13 @@ METHODS = {m.name: m for m in [
 ]}
 
 
+# the long section's references: each question asked with part of the document in the prompt
+LONG_REFS = [Method("full", "document in the prompt", "full"),
+             Method("oracle_window", "oracle window", "oracle_window"),
+             Method("oracle_passage", "oracle passage", "oracle_passage"),
+             Method("last_window", "last window only", "last_window")]
+
+
 def names(spec: str) -> list[str]:
     return [s.strip() for s in spec.split(",") if s.strip()]
 
@@ -95,17 +103,19 @@ def method_config(base: AbsorbConfig, m: Method) -> AbsorbConfig:
 # Settings
 # ------------------------------------------------------------------------------------------
 
-SECTIONS = ("lm", "facts", "tasks", "cost")
+SECTIONS = ("lm", "facts", "long", "tasks", "cost")
 _RECIPE_DEFAULTS = AbsorbConfig()
 # Sizes: a setting left at None takes the preset's value (--quick or full); an explicit flag wins.
 PRESETS = {
     "full": dict(context=2048, eval_len=512, window=256, lm_segments=2, steps=_RECIPE_DEFAULTS.steps,
                  batch_tokens=_RECIPE_DEFAULTS.batch_tokens, fact_lengths="256,512,1024", facts_per_doc=6,
                  fact_docs=2, cost_lengths="1024,2048,4096,8192", cost_tokens=1024, cost_steps=_RECIPE_DEFAULTS.steps,
-                 decode_tokens=32, answer_tokens=32),
+                 decode_tokens=32, answer_tokens=32, long_lengths="2048,4096,8192", long_styles="catalogue,prose",
+                 long_docs=1, long_questions=12),
     "quick": dict(context=1024, eval_len=256, window=128, lm_segments=1, steps=10, batch_tokens=128,
                   fact_lengths="128,512", facts_per_doc=3, fact_docs=1, cost_lengths="1024,2048,4096",
-                  cost_tokens=256, cost_steps=1, decode_tokens=32, answer_tokens=16),
+                  cost_tokens=256, cost_steps=1, decode_tokens=32, answer_tokens=16, long_lengths="768",
+                  long_styles="catalogue", long_docs=1, long_questions=6),
 }
 
 
@@ -132,7 +142,7 @@ class EvalConfig:
     """What eval.py measures and how big (the model settings are a RunConfig, the absorption recipe
     an AbsorbConfig)."""
     quick: bool = setting(False, "small sizes and few steps: under 10 minutes on 2 CPU cores")
-    only: Optional[str] = setting(None, "comma list of sections to run: lm,facts,tasks,cost (automatic: all; tasks "
+    only: Optional[str] = setting(None, "comma list of sections to run: lm,facts,long,tasks,cost (automatic: all; tasks "
                                   "only when --tasks is given)", check=comma_list(SECTIONS, empty_ok=False))
     methods: str = setting(",".join(METHODS), "comma list of methods", check=comma_list(METHODS, empty_ok=False))
     out: str = setting("eval_out", "output folder for results.json, results.md and the plots", check=folder_or_new)
@@ -151,6 +161,13 @@ class EvalConfig:
     facts_per_doc: Optional[int] = sized("facts_per_doc", "facts: facts per document (beginning/middle/end in turn)")
     fact_docs: Optional[int] = sized("fact_docs", "facts: documents per length")
     answer_tokens: Optional[int] = sized("answer_tokens", "max tokens of a generated answer")
+    long_lengths: Optional[str] = sized("long_lengths", "long: document lengths in tokens, comma list",
+                                        check=positive_ints)
+    long_styles: Optional[str] = sized("long_styles", "long: catalogue (entries alone, one shape) and/or prose "
+                                       "(entry sentences among filler)", check=comma_list(("catalogue", "prose"),
+                                                                                        empty_ok=False))
+    long_docs: Optional[int] = sized("long_docs", "long: documents per length and style (fresh ones each --seed)")
+    long_questions: Optional[int] = sized("long_questions", "long: questions per document, spread over it")
     cost_lengths: Optional[str] = sized("cost_lengths", "cost: context lengths for inference memory/latency, comma "
                                         "list", check=positive_ints)
     cost_tokens: Optional[int] = sized("cost_tokens", "cost: tokens absorbed for the absorption measurement")
@@ -351,23 +368,44 @@ def answer_all(model, tok, items: list, methods, base: AbsorbConfig, cfg: EvalCo
         for m in methods:
             reset_lora(model, base.seed)
             absorbed = None
+            fresh = {}                      # question index -> scores right after its window was absorbed
             if m.kind == "absorb":
-                mcfg = method_config(base, m)
-                t0 = time.time()
-                res = absorb_text(model, tok, ctx, mcfg, log=step_logger(f"[{tag}] {m.name}", mcfg.steps))
-                absorbed = {"tokens": len(ctx_ids), "steps": sum(r.steps for r in res), "seconds": time.time() - t0}
-            doc = {"full": ctx, "window": tok.decode(ctx_ids[-cfg.window:])}.get(m.kind)
-            item_meta = {k: v for k, v in item.items() if k not in ("context", "questions")}
-            for q in item["questions"]:
-                meta = {k: v for k, v in q.items() if k not in ("question", "answers")}
+                absorbed = absorb_item(model, tok, item, method_config(base, m), cfg, f"[{tag}] {m.name}", fresh)
+            doc = {"full": ctx, "window": tok.decode(ctx_ids[-cfg.window:]), "last_window": item.get("last_window")}
+            item_meta = {k: v for k, v in item.items() if k not in ("context", "questions", "last_window")}
+            for qi, q in enumerate(item["questions"]):
+                meta = {k: v for k, v in q.items() if k not in ("question", "answers") and not k.startswith("oracle")}
                 rows.append({"item": ii, "method": m.name, "question": q["question"], "answers": q["answers"],
                              "context_tokens": len(ctx_ids), "absorb": absorbed, **meta, **item_meta,
-                             **answer_scored(model, tok, q, doc, cfg.answer_tokens)})
+                             **({"fresh": fresh[qi]} if qi in fresh else {}),
+                             **answer_scored(model, tok, q, q.get(m.kind, doc.get(m.kind)), cfg.answer_tokens)})
             got = [r for r in rows if r["item"] == ii and r["method"] == m.name and r.get("prediction") is not None]
             say(f"[{tag}]   {m.label:22s} correct {sum(r['lenient'] for r in got):.0f}/{len(got)} (lenient)"
                 + (f"  (absorbed in {absorbed['seconds']:.0f}s)" if absorbed else ""))
     reset_lora(model, base.seed)
     return rows
+
+
+def absorb_item(model, tok, item: dict, mcfg: AbsorbConfig, cfg: EvalConfig, tag: str, fresh: dict) -> dict:
+    """Absorb an item's context (the model's LoRA is fresh); where its questions know their
+    window ("window" key: the long section), each is also answered right after its window is
+    absorbed, into `fresh`, so retention can be compared with the answer after the last window.
+    Returns the cost: tokens, windows, steps, seconds, peak memory over the loaded model."""
+    qs, answering = item["questions"], [0.0]
+
+    def on_window(ci, _res):
+        t = time.time()
+        for qi, q in enumerate(qs):
+            if q.get("window") == ci:
+                fresh[qi] = answer_scored(model, tok, q, None, cfg.answer_tokens)
+        answering[0] += time.time() - t
+    t0 = time.time()
+    with PeakMemory(str(model.embed.weight.device)) as mem:
+        res = absorb_text(model, tok, item["context"], mcfg, log=step_logger(tag, mcfg.steps),
+                          on_window=on_window if any("window" in q for q in qs) else None)
+    secs = time.time() - t0 - answering[0]               # the absorption alone
+    return {"tokens": len(tok.encode(item["context"])), "windows": len(res), "steps": sum(r.steps for r in res),
+            "seconds": secs, "memory_extra_bytes": mem.extra}
 
 
 def answer_scored(model, tok, q: dict, doc: Optional[str], max_tokens: int) -> dict:
@@ -411,6 +449,62 @@ def run_facts(model, tok, cfg: EvalConfig, base: AbsorbConfig, methods) -> dict:
     return {"documents": [{"length": it["length"], "seed": it["seed"], "tokens": count(it["context"]),
                            "text": it["context"]} for it in items],
             "rows": rows, "summary": qa_summary(rows, methods, by=("length", "position"))}
+
+
+def long_items(tok, cfg: EvalConfig, base: AbsorbConfig) -> list[dict]:
+    """Generated long documents (fresh for each --seed), each question tagged with the window
+    (Algorithm 2's, at --chunk / --sync-len) and the third of the document that hold its answer,
+    and with its oracle window and passage."""
+    count = lambda t: len(tok.encode(t))  # noqa: E731
+    items = []
+    for li, length in enumerate(ints(cfg.long_lengths)):
+        for si, style in enumerate(names(cfg.long_styles)):
+            for k in range(cfg.long_docs):
+                seed = 7_000_000 + base.seed * 10_000 + 100 * li + 10 * si + k
+                doc = make_long_doc(seed, length, count, style)
+                ids = tok.encode(doc.text)
+                wins = chunk_windows(len(ids), base.chunk, base.sync_len)
+                qs = []
+                for entry, fact in long_questions(doc, cfg.long_questions, seed):
+                    at = count(doc.text[:entry.start + entry.text.find(fact.answers[0])])   # token offset
+                    w = next(i for i, (a, e, _) in enumerate(wins) if at < e or i == len(wins) - 1)
+                    qs.append({"question": fact.question, "answers": fact.answers, "window": w,
+                               "third": POSITIONS[min(2, 3 * at // len(ids))],
+                               "oracle_window": tok.decode(ids[wins[w][0]:wins[w][1]]), "oracle_passage": entry.text})
+                items.append({"context": doc.text, "length": length, "style": style, "seed": seed,
+                              "windows": len(wins), "last_window": tok.decode(ids[wins[-1][0]:wins[-1][1]]),
+                              "questions": qs})
+    return items
+
+
+def long_summary(rows: list, methods) -> dict:
+    """Per method: recall (answer in the first answer tokens), first-sentence recall, recall per
+    third and per window, retention (recall right after the answer's window was absorbed, and
+    after the last window), absorption seconds per 1k tokens and peak memory over the model."""
+    out = qa_summary(rows, methods, by=("third", "window", "length", "style"))
+    for m in methods:
+        mine = [r for r in rows if r["method"] == m.name and r.get("prediction") is not None]
+        out[m.name]["sentence"] = mean(r["sentence"] for r in mine)
+        fresh = [r for r in mine if r.get("fresh", {}).get("prediction") is not None]
+        if fresh:
+            out[m.name]["retention"] = {"right_after_its_window": mean(r["fresh"]["lenient"] for r in fresh),
+                                        "after_the_last_window": mean(r["lenient"] for r in fresh),
+                                        "window_1_right_after": mean(r["fresh"]["lenient"] for r in fresh
+                                                                     if r["window"] == 0),
+                                        "window_1_after_the_last": mean(r["lenient"] for r in fresh
+                                                                        if r["window"] == 0)}
+        mem = [r["absorb"]["memory_extra_bytes"] for r in mine if r["absorb"]]
+        out[m.name]["absorb_peak_extra_bytes"] = max(mem) if mem else None
+    return out
+
+
+def run_long(model, tok, cfg: EvalConfig, base: AbsorbConfig, methods) -> dict:
+    items = long_items(tok, cfg, base)
+    long_methods = LONG_REFS + [m for m in methods if m.kind == "absorb"]
+    rows = answer_all(model, tok, items, long_methods, base, cfg, "long")
+    return {"documents": [{k: it[k] for k in ("length", "style", "seed", "windows")} | {"text": it["context"]}
+                          for it in items],
+            "methods": [m.name for m in long_methods], "rows": rows, "summary": long_summary(rows, long_methods)}
 
 
 def run_tasks(model, tok, cfg: EvalConfig, base: AbsorbConfig, methods, tasks: list) -> dict:
@@ -553,6 +647,38 @@ def md_facts(facts: dict, cfg: EvalConfig, plots: dict) -> list[str]:
     return out
 
 
+def md_long(long: dict, base: AbsorbConfig, plots: dict) -> list[str]:
+    docs = long["documents"]
+    n_q = len({(r["item"], r["question"]) for r in long["rows"]})
+    windows = sorted({w for s in long["summary"].values() for w in s["by_window"]}, key=int)
+    out = [f"### Long documents\n\n{len(docs)} generated document(s) ("
+           + ", ".join(f"{d['length']} tokens {d['style']}, {d['windows']} windows" for d in docs)
+           + f"; windows of n = {base.chunk}, m = {base.sync_len}), {n_q} questions spread over them. Recall = the "
+           f"answer occurs in the answer; first sentence = it occurs in the answer's first sentence. Oracle window "
+           f"/ passage: each question asked with only the window / paragraph that holds its answer in the prompt. "
+           f"Absorbing methods answer with nothing in the prompt.\n"]
+    rows = [[s["label"], fmt(s["lenient"], ".2f"), fmt(s["sentence"], ".2f")]
+            + [fmt(s["by_third"].get(t), ".2f") for t in POSITIONS]
+            + [fmt(s["by_window"].get(w), ".2f") for w in windows]
+            + [fmt(s["absorb_seconds_per_1k_tokens"], ".0f"), fmt(mib(s["absorb_peak_extra_bytes"]), ".0f")]
+            for s in long["summary"].values()]
+    out.append(markdown_table(["method", "recall", "first sentence"] + list(POSITIONS)
+                              + [f"window {int(w) + 1}" for w in windows] + ["absorb s / 1k tok", "absorb peak +MiB"],
+                              rows))
+    ret = [(s["label"], s["retention"]) for s in long["summary"].values() if s.get("retention")]
+    if ret:
+        out.append("\nRetention: recall of each question right after the window holding its answer was absorbed, "
+                   "and after the last window (each updated model is the next window's teacher):\n")
+        out.append(markdown_table(["method", "right after its window", "after the last window",
+                                   "window 1 right after", "window 1 after the last"],
+                                  [[lbl, fmt(r["right_after_its_window"], ".2f"), fmt(r["after_the_last_window"], ".2f"),
+                                    fmt(r["window_1_right_after"], ".2f"), fmt(r["window_1_after_the_last"], ".2f")]
+                                   for lbl, r in ret]))
+    if "long" in plots:
+        out.append(f"\n![recall by position]({plots['long']})\n")
+    return out
+
+
 def md_tasks(tasks: dict) -> list[str]:
     rows = [[s["label"], fmt(s["strict"], ".3f"), fmt(s["f1"], ".3f"), fmt(s["lenient"], ".3f"), s["skipped"]]
             for s in tasks["summary"].values()]
@@ -593,6 +719,8 @@ def markdown(res: dict, cfg: EvalConfig, base: AbsorbConfig, plots: dict) -> str
         out += md_lm(res["lm"], cfg, plots)
     if "facts" in res:
         out += md_facts(res["facts"], cfg, plots)
+    if "long" in res:
+        out += md_long(res["long"], base, plots)
     if "tasks" in res:
         out += md_tasks(res["tasks"])
     if "cost" in res:
@@ -621,6 +749,8 @@ def write_json(obj: dict, path) -> Path:
 # ------------------------------------------------------------------------------------------
 
 STYLE = {"full": ("black", "-", "o"), "none": ("grey", ":", "x"), "window": ("tab:blue", "--", "s"),
+         "oracle_window": ("tab:cyan", "--", "s"), "oracle_passage": ("tab:olive", "--", "*"),
+         "last_window": ("tab:brown", ":", "x"),
          "absorber": ("tab:red", "-", "D"), "ntp": ("tab:green", "-", "^"), "kl": ("tab:purple", "-", "v"),
          "hybrid": ("tab:orange", "-", "P")}
 
@@ -663,6 +793,28 @@ def plot_lm(position: dict, summary: dict, title: str, path) -> Path:
     b.set_xticklabels([METHODS[n].label for n in names], rotation=30, ha="right", fontsize=8)
     b.set_ylabel("context effect recovered\n(NLL_none - NLL) / (NLL_none - NLL_full)")
     b.set_title("Recovered fraction (1 = full context)")
+    return _finish(fig, a, title, path)
+
+
+def plot_long(summary: dict, title: str, path) -> Path:
+    """Recall against the window holding the answer (left) and the third of the document (right)."""
+    plt = _plt()
+    fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for name, s in summary.items():
+        c, ls, mk = STYLE.get(name, (None, "-", "o"))
+        ws = sorted(s["by_window"], key=int)
+        a.plot([int(w) + 1 for w in ws], [s["by_window"][w] for w in ws], color=c, linestyle=ls, marker=mk,
+               label=s["label"])
+        b.plot(range(len(POSITIONS)), [s["by_third"].get(t, math.nan) for t in POSITIONS], color=c, linestyle=ls,
+               marker=mk, label=s["label"])
+    a.set_xlabel("window holding the answer")
+    b.set_xticks(range(len(POSITIONS)))
+    b.set_xticklabels(POSITIONS)
+    b.set_xlabel("third of the document holding the answer")
+    for ax in (a, b):
+        ax.set_ylabel("recall (answer contained)")
+        ax.set_ylim(-0.05, 1.05)
+        ax.grid(alpha=0.3)
     return _finish(fig, a, title, path)
 
 
@@ -764,6 +916,10 @@ def make_plots(res: dict, cfg: EvalConfig, n_methods: int, out_dir: Path) -> dic
         plot_facts({n: v["by_length"] for n, v in s.items()}, {n: v["by_position"] for n, v in s.items()},
                    f"Fact recall ({len(res['facts']['rows']) // max(1, n_methods)} questions per method)",
                    out_dir / plots["facts"])
+    if "long" in res:
+        plots["long"] = "long_recall_position.png"
+        plot_long(res["long"]["summary"], f"Long documents: recall by where the answer sits "
+                  f"({len(res['long']['documents'])} document(s))", out_dir / plots["long"])
     if "cost" in res:
         plots["cost"] = "cost_memory_latency.png"
         plot_cost(res["cost"]["inference"], f"Inference cost vs context length (window W={cfg.window})",
@@ -801,6 +957,7 @@ def main(argv=None) -> int:
 
     sections = {"lm": lambda: run_lm(model, tok, cfg, base, methods, doc_texts),
                 "facts": lambda: run_facts(model, tok, cfg, base, methods),
+                "long": lambda: run_long(model, tok, cfg, base, methods),
                 "tasks": lambda: run_tasks(model, tok, cfg, base, methods, tasks),
                 "cost": lambda: run_cost(model, tok, cfg, base, methods, run_cfg, doc_texts)}
     for name in cfg.sections():

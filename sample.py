@@ -3,6 +3,7 @@
     python sample.py --chat --temperature 0 --prompt "What is the capital of France?"
     python sample.py --ckpt path/to/llama --prompt "Once upon a time" --top-p 0.9
     python sample.py --adapter doc.safetensors --chat --prompt "Who is Mira Okafor?"
+    python sample.py --adapter a.safetensors --adapter b.safetensors --chat --prompt "..."   # both documents
 """
 import sys
 import time
@@ -20,7 +21,9 @@ from nanoabsorber.sampling import generate
 
 @dataclass
 class SampleConfig:
-    adapter: Optional[str] = setting(None, "LoRA adapter (.safetensors from absorb.py), merged into the weights")
+    adapter: list[str] = setting(default_factory=list, help="LoRA adapter (.safetensors from absorb.py), merged "
+                                 "into the weights; several are composed (their updates summed, "
+                                 "nanoabsorber.lora.compose)")
     prompt: Optional[str] = setting(None, "prompt text (automatic: a short greeting)")
     prompt_file: Optional[str] = setting(None, "read the prompt from this file instead")
     chat: bool = setting(False, "wrap the prompt in the model's chat template")
@@ -50,20 +53,26 @@ def main(argv=None):
     else:
         prompt = args.prompt if args.prompt is not None else "Hello! Tell me a short story about a robot."
     check_ckpt(run_cfg)
+    adapter = None
     if args.adapter:
-        from nanoabsorber.lora import read_adapter
+        from nanoabsorber.lora import compose, read_adapter
 
-        read_adapter(args.adapter)              # a bad adapter file fails here, before the model loads
+        # a bad adapter file, or adapters that do not compose, fail here, before the model loads
+        if len(args.adapter) == 1:
+            read_adapter(args.adapter[0])
+            adapter = args.adapter[0]
+        else:
+            adapter = compose(args.adapter)     # one adapter whose update is the sum of theirs
     print_config("sample.py", run_cfg, args)
     setup(run_cfg)
     torch.manual_seed(args.seed)
 
     t0 = time.time()
     model, tok = load(run_cfg.ckpt, device=run_cfg.device, dtype=run_cfg.dtype)
-    if args.adapter:
+    if adapter is not None:
         from nanoabsorber.lora import load_adapter
 
-        load_adapter(model, args.adapter, merge=True)
+        load_adapter(model, adapter, merge=True)
     print(f"loaded in {time.time() - t0:.2f}s ({model.num_params() / 1e6:.1f}M parameters)", file=sys.stderr)
 
     if args.chat:

@@ -30,15 +30,16 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from nanoabsorber.checkpoint import fingerprint, load_model, save_checkpoint
-from nanoabsorber.cli import RunConfig, run, setup
+from nanoabsorber.cli import RunConfig, format_duration, run, setup
 from nanoabsorber.config import Parser, add_flags, build, print_config
 from nanoabsorber.data import (TokenData, WindowLoader, cache_dir_for, check_data_files, list_data_files,
                                prepare_tokens, tokenizer_hash, train_sentencepiece, unigram_entropy)
+from nanoabsorber.distributed import Procs, start_processes, under_torchrun
 from nanoabsorber.errors import CheckpointError, UserError
 from nanoabsorber.io import atomic_copy, atomic_write_text
 from nanoabsorber.model import Llama
 from nanoabsorber.tokenizer import ByteBPETokenizer, load_tokenizer
-from nanoabsorber.train_utils import (STATE_FILE, TrainConfig, format_duration, get_lr, load_optimizer_tensors,
+from nanoabsorber.train_utils import (STATE_FILE, TrainConfig, get_lr, load_optimizer_tensors,
                                       lora_merged, optimizer_tensors, param_groups, read_train_state,
                                       read_train_state_info, save_train_state, signature_diff, weights_sha256)
 
@@ -103,41 +104,8 @@ def parse_config(argv=None) -> tuple[TrainConfig, RunConfig]:
 
 # ----------------------------------------------------------------------------- processes
 
-@dataclass
-class Procs:
-    """This process's place in the run: the only process, or one rank of a torchrun job."""
-    ddp: bool
-    rank: int
-    world: int
-    device: str
-
-    @property
-    def master(self) -> bool:
-        return self.rank == 0
-
-    def log(self, *a, **kw) -> None:
-        if self.master:
-            print(*a, **kw)
-
-
-def under_torchrun() -> bool:
-    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
-
-
 def world_size() -> int:
     return int(os.environ["WORLD_SIZE"]) if under_torchrun() else 1
-
-
-def start_processes(device: str) -> Procs:
-    """Join the torchrun process group (gloo on CPU, NCCL on CUDA, one GPU per local rank)."""
-    if not under_torchrun():
-        return Procs(False, 0, 1, device)
-    rank, local_rank, world = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
-    if device.startswith("cuda"):
-        device = f"cuda:{local_rank}"
-        torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
-    return Procs(True, rank, world, device)
 
 
 # ----------------------------------------------------------------------------- output folder, model source

@@ -86,6 +86,8 @@ class AbsorbConfig:
                           "entity, cloze, continue ('' for none); see nanoabsorber/probes.py", check=_probe_check)
     lora: LoRAConfig = setting(default_factory=LoRAConfig, help="LoRA")
     seed: int = setting(0, "random seed (LoRA init, Y subsets, generated Y)")
+    checkpoint_activations: bool = setting(False, "recompute each block in the backward pass instead of keeping "
+                                           "its activations (less memory, more time; same result)")
 
     def __post_init__(self):
         validate(self)
@@ -127,6 +129,7 @@ class ChunkResult:
     losses: list = field(default_factory=list)
     stopped: str = "max steps"           # "max steps" | "early stop" | "non-finite loss"
     seconds: float = 0.0
+    y_tokens: int = 0                    # Y tokens of the window (trained on at every step with batch_tokens 0)
 
 
 def _device(model):
@@ -204,47 +207,57 @@ def _accumulate(model, t: Targets, rows: list, cfg: AbsorbConfig, backward: bool
     """Loss over `rows` of the targets, as length-sorted micro-batches of at most max_tokens
     padded tokens (little padding waste, bounded activation memory); each micro-batch's loss is
     weighted by its share of the Y tokens, so the sum is the loss over all rows (exactly for
-    l1/mse/kl; l1_norm normalises per micro-batch). Backward runs per micro-batch."""
+    l1/mse/kl; l1_norm normalises per micro-batch). Backward runs per micro-batch. Under a
+    process group (nanoabsorber.distributed) each rank takes its share of the rows, weighted by
+    the whole step's tokens; the returned loss is summed over the ranks."""
+    from . import distributed
+
     lengths = t.mask.sum(1).tolist()
     ends = [int(t.mask[i].nonzero().max()) + 1 for i in range(len(lengths))]
-    order = sorted(rows, key=lambda i: ends[i])
+    n_total = sum(lengths[i] for i in rows)            # the whole step's Y tokens, on every rank
+    order = sorted(distributed.shard(rows, lengths), key=lambda i: ends[i])   # this rank's share
     micro, cur = [], []
     for i in order:
         if cur and (len(cur) + 1) * ends[i] > max_tokens:
             micro.append(cur)
             cur = []
         cur.append(i)
-    micro.append(cur)
-    n_total = sum(lengths[i] for i in rows)
+    if cur:
+        micro.append(cur)
     total = 0.0
     for mb in micro:
         loss = sync_loss(model, t.rows(mb), cfg) * (sum(lengths[i] for i in mb) / n_total)
         if backward:
             loss.backward()
         total += float(loss.detach())
-    return total
+    return distributed.all_reduce_sum(total, _device(model))   # the step's loss, the same on every rank
 
 
 def absorb_chunk(model, groups: list, cfg: AbsorbConfig, log: Optional[Callable[[dict], None]] = None) -> ChunkResult:
     """Algorithm 1 on one chunk. groups: [(P, X, [Y_1, ...]), ...] (usually one group; chat probes
     add a group with the chat prefix). The model must already carry LoRA (apply_lora). An automatic
     (None) lr is taken as raw-text Y's; absorb_stream / absorb_text resolve it knowing Y."""
+    from . import distributed
+
     cfg = cfg.resolved(chat_probes=False)
     params = lora_parameters(model)
     if not params:
         raise ValueError("absorb_chunk: apply_lora(model, ...) first")
     t0 = time.time()
-    was_training = model.training
+    distributed.broadcast_(params)  # under torchrun every rank starts from rank 0's LoRA
+    was_training, was_ckpt = model.training, getattr(model, "grad_checkpointing", False)
     model.eval()  # no dropout in the base model; LoRA dropout (if any) is its own module
+    model.grad_checkpointing = cfg.checkpoint_activations
     if cfg.objective == "ntp":
         prefix, x, _ = groups[0]
         ids = torch.tensor([list(prefix) + list(x)], device=_device(model))
+        world = distributed.group()[1]  # one sequence: not split; every rank computes it, 1/world each
 
         def run_step(backward: bool, final: bool = False) -> float:
-            loss = ntp_loss(model, ids, len(prefix))
+            loss = ntp_loss(model, ids, len(prefix)) / world
             if backward:
                 loss.backward()
-            return float(loss.detach())
+            return distributed.all_reduce_sum(float(loss.detach()), _device(model))
     else:
         need_hidden = cfg.loss != "kl"
         targets = teacher_targets(model, groups, need_hidden, cfg.loss in ("kl", "hybrid"))
@@ -289,6 +302,7 @@ def absorb_chunk(model, groups: list, cfg: AbsorbConfig, log: Optional[Callable[
             res.stopped = "early stop"
             break
         good = {k: v.clone() for k, v in lora_state_dict(model).items()}
+        distributed.all_reduce_grads_(params)  # the one-process gradient (no-op in one process)
         if cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         opt.step()
@@ -300,6 +314,7 @@ def absorb_chunk(model, groups: list, cfg: AbsorbConfig, log: Optional[Callable[
         if hasattr(m, "lora_A"):
             m.eval()
     model.train(was_training)
+    model.grad_checkpointing = was_ckpt
     res.seconds = time.time() - t0
     return res
 
@@ -344,18 +359,23 @@ def chunk_windows(n_tokens: int, n: int, m: int) -> list[tuple[int, int, int]]:
 
 
 def absorb_stream(model, stream: list[int], cfg: AbsorbConfig, prefix: list[int] = (), stop_ids=(),
-                  log: Optional[Callable[[dict], None]] = None, extra_ys: Optional[Callable] = None) -> list:
+                  log: Optional[Callable[[dict], None]] = None, extra_ys: Optional[Callable] = None,
+                  start: int = 0, on_window: Optional[Callable[[int, ChunkResult], None]] = None) -> list:
     """Algorithm 2 over a token stream (list or 1-D array; only windows of n + m are touched).
     Y per window = the m real following tokens, plus cfg.gen_tokens teacher-generated tokens
     (in gen_samples samples) when the real following text is shorter than m (always for the
     last window). extra_ys(chunk_index, x_ids) -> list of (P, X, [Y_j]) groups lets callers add
     more Y sets (e.g. chat probes with their own prefix); with it, an automatic lr / gen_tokens
-    is resolved as for chat probes (AbsorbConfig.resolved). Returns a ChunkResult per window."""
+    is resolved as for chat probes (AbsorbConfig.resolved). Returns a ChunkResult per window.
+    Resuming: windows before `start` are skipped (the model must already hold their LoRA);
+    on_window(index, result) runs after each finished window (absorb.py saves its state there)."""
     cfg = cfg.resolved(chat_probes=extra_ys is not None)
     results = []
     wins = chunk_windows(len(stream), cfg.chunk, cfg.sync_len)
-    absorbed = 0
+    absorbed = sum(e - s for s, e, _ in wins[:start])
     for ci, (s, e, ye) in enumerate(wins):
+        if ci < start:
+            continue
         x = [int(t) for t in stream[s:e]]
         ys = []
         real = [int(t) for t in stream[e:ye]]
@@ -378,8 +398,12 @@ def absorb_stream(model, stream: list[int], cfg: AbsorbConfig, prefix: list[int]
                 raise ValueError("nothing to synchronise on: no following text; set gen_tokens > 0")
             groups = [(list(prefix), x, [])]
         cb = (lambda d, ci=ci: log({**d, "chunk": ci + 1, "chunks": len(wins), "absorbed": absorbed})) if log else None
-        results.append(absorb_chunk(model, groups, cfg, cb))
+        res = absorb_chunk(model, groups, cfg, cb)
+        res.y_tokens = sum(len(y) for _, _, ys in groups for y in ys)
+        results.append(res)
         absorbed += len(x)
+        if on_window:
+            on_window(ci, res)
     return results
 
 
@@ -403,12 +427,14 @@ def resolve_config(tok, cfg: AbsorbConfig) -> AbsorbConfig:
     return cfg.resolved(uses_chat_probes(tok, cfg))
 
 
-def absorb_text(model, tok, text: str, cfg: AbsorbConfig, log: Optional[Callable[[dict], None]] = None) -> list:
+def absorb_text(model, tok, text: str, cfg: AbsorbConfig, log: Optional[Callable[[dict], None]] = None,
+                start: int = 0, on_window: Optional[Callable[[int, ChunkResult], None]] = None) -> list:
     """The high-level entry point (absorb.py, eval.py): absorb `text` into the LoRA of `model`
     (applied from cfg.lora if the model has none yet). Raw-text Y: the sync_len real tokens after
     each window (+ gen_tokens generated ones at the end). For chat models, each window also gets
     chat probes about its text (cfg.probes, a comma list of recite, entity, cloze, continue; ""
-    for none), see probes.py. Returns a ChunkResult per window."""
+    for none), see probes.py. Returns a ChunkResult per window. start / on_window: as in
+    absorb_stream (resuming an interrupted absorption)."""
     from .lora import apply_lora, lora_modules
     from .probes import chat_probe_ids, make_probes
 
@@ -427,4 +453,4 @@ def absorb_text(model, tok, text: str, cfg: AbsorbConfig, log: Optional[Callable
         return [(p, xc, ys)]
 
     use = uses_chat_probes(tok, cfg)
-    return absorb_stream(model, ids, cfg, prefix, tok.stop_ids, log, chat_probes if use else None)
+    return absorb_stream(model, ids, cfg, prefix, tok.stop_ids, log, chat_probes if use else None, start, on_window)

@@ -261,3 +261,84 @@ def document_segments(text: str, tok, n_tokens: int, n_segments: int, name: str 
                             f"(--context + --eval-len); give a longer document or smaller sizes")
         segs.append(ids[:n_tokens])
     return segs
+
+
+# ------------------------------------------------------------------------------------------
+# Long documents: entries of one shape (a gazetteer), where facts interfere
+# ------------------------------------------------------------------------------------------
+
+PRODUCTS = ["blue glass", "smoked eel", "copper bells", "woollen shawls", "cherry wine", "salt", "rope",
+            "clocks", "lace", "honey", "paper lanterns", "slate roofs"]
+
+
+@dataclass
+class Entry:
+    text: str                      # one paragraph
+    start: int                     # its character offset in the document
+    facts: list[Fact]
+
+
+@dataclass
+class LongDoc:
+    seed: int
+    text: str
+    entries: list[Entry]
+    style: str
+
+
+def _unused_number(rng: random.Random, names: _Names, lo: int, hi: int) -> str:
+    """A number not used before in this document (so every answer occurs once)."""
+    while True:
+        v = str(rng.randint(lo, hi))
+        if v not in names.used:
+            names.used.add(v)
+            return v
+
+
+def _town_entry(rng: random.Random, names: _Names, style: str) -> tuple[str, list[Fact]]:
+    town, river = names.town(), names.word()
+    (founder, f_last), (mayor, m_last) = names.person(), names.person()
+    year, length = _unused_number(rng, names, 1600, 1950), _unused_number(rng, names, 40, 990)
+    product = rng.choice(PRODUCTS)
+    facts = [Fact(f"{town} was founded in {year} by {founder}.", f"Who founded {town}?", [founder, f_last]),
+             Fact(f"{town} is a town on the River {river}.", f"On which river is {town}?", [river]),
+             Fact(f"The mayor of {town} is {mayor}.", f"Who is the mayor of {town}?", [mayor, m_last]),
+             Fact(f"{town} was founded in {year}.", f"In what year was {town} founded?", [year]),
+             Fact(f"The bridge of {town} is {length} meters long.", f"How many meters long is the bridge of {town}?",
+                  [length])]
+    sents = [f"{town} is a town on the River {river}.", f"It was founded in {year} by {founder}.",
+             f"Its mayor is {mayor}.", f"The town is known for its {product}.",
+             f"The bridge of {town} is {length} meters long."]
+    if style == "prose":                           # the same facts, in varied order, among filler
+        head, rest = sents[0], sents[1:]
+        rng.shuffle(rest)
+        sents = [head] + [s for r in rest for s in (r, filler_sentence(rng))][:-1]
+    return " ".join(sents), facts
+
+
+def make_long_doc(seed: int, n_tokens: int, count: Callable[[str], int] = word_count, style: str = "catalogue",
+                  ) -> LongDoc:
+    """A document of about n_tokens (by `count`, at least n_tokens): entries about fictional
+    towns, one paragraph each, every entry of the same shape ("X is a town on the River Y. It was
+    founded in YEAR by NAME. Its mayor is ..."), so facts of one entry can be given to another.
+    style "catalogue": the entries alone; "prose": each entry's sentences shuffled among filler
+    sentences. Deterministic in seed; every answer occurs once in the text."""
+    if style not in ("catalogue", "prose"):
+        raise ValueError(f"style must be catalogue or prose, not {style!r}")
+    rng = random.Random(seed)
+    names = _Names(rng)
+    entries, text = [], ""
+    while not entries or count(text) < n_tokens:
+        body, facts = _town_entry(rng, names, style)
+        start = len(text) + (2 if text else 0)
+        text = f"{text}\n\n{body}" if text else body
+        entries.append(Entry(body, start, facts))
+    return LongDoc(seed, text, entries, style)
+
+
+def long_questions(doc: LongDoc, n: int, seed: int = 0) -> list[tuple[Entry, Fact]]:
+    """n (entry, fact) pairs spread evenly over the document, one fact per chosen entry."""
+    rng = random.Random(seed)
+    k = len(doc.entries)
+    picks = sorted({round(i * (k - 1) / max(n - 1, 1)) for i in range(n)})
+    return [(doc.entries[i], rng.choice(doc.entries[i].facts)) for i in picks]

@@ -48,6 +48,13 @@ def setup(run_cfg: RunConfig) -> None:
     set_attention_impl(run_cfg.attn)
 
 
+def format_duration(s: float) -> str:
+    """12m05s, 1h02m03s: for progress lines and estimates."""
+    s = int(max(0, s))
+    h, m, s = s // 3600, s % 3600 // 60, s % 60
+    return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
+
+
 def decode_text(raw: bytes, name) -> str:
     """UTF-8 text from bytes, or a one-line UserError naming `name` (binary, not UTF-8, empty)."""
     if b"\x00" in raw[:65536]:

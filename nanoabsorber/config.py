@@ -15,6 +15,8 @@ validation; the scripts build their flags from the dataclasses, never restating 
 
 Field names become flags (`sync_len` -> `--sync-len`, with an optional prefix such as
 `lora-`); a field whose type is itself a config dataclass contributes that dataclass's flags.
+A list-valued field (`adapter: list[str] = setting(default_factory=list, help=...)`) is a
+repeatable flag (`--adapter a --adapter b`), its choices and check applied to each item.
 Fields declared without help (plain `field`) are not flags. Bad values give one argparse-style
 line ("absorb.py: error: argument --steps: must be >= 0, not -3") and exit status 2.
 """
@@ -93,9 +95,19 @@ def _base_type(tp):
     return tp, False
 
 
+def _list_item(tp):
+    """The item type of a list-valued setting (list[str] -> str), else None."""
+    if typing.get_origin(tp) in (list, tuple):
+        args = [a for a in typing.get_args(tp) if a is not Ellipsis]
+        return args[0] if args else str
+    return None
+
+
 def _problem(f: dataclasses.Field, value) -> str | None:
     if value is None:
         return None
+    if isinstance(value, (list, tuple)):          # a list-valued setting: choices and check per item
+        return next((p for p in (_problem(f, v) for v in value) if p), None)
     choices, check = f.metadata.get("choices"), f.metadata.get("check")
     if choices and value not in choices:
         return f"must be one of {', '.join(map(str, choices))}, not {value!r}"
@@ -170,6 +182,12 @@ def add_flags(parser: argparse.ArgumentParser, cls, prefix: str = "", skip: typi
             group.add_argument(flag_name(f.name, pre), dest=dest, action=argparse.BooleanOptionalAction,
                                default=default, help=help)
             continue
+        item = _list_item(tp)
+        if item is not None:                        # list-valued: a repeatable flag, one item each
+            group.add_argument(flag_name(f.name, pre), dest=dest, type=_converter(item, f), action="append",
+                               default=None, metavar=f.metadata.get("metavar"),
+                               help=f"{help} (repeatable)".replace("%", "%%"))
+            continue
         shown = "" if default is None else f" (default: {default!r})" if default == "" else f" (default: {default})"
         choices = f.metadata.get("choices")
         metavar = f.metadata.get("metavar") or ("{" + ",".join(map(str, choices)) + "}" if choices else None)
@@ -180,8 +198,12 @@ def add_flags(parser: argparse.ArgumentParser, cls, prefix: str = "", skip: typi
 def from_flags(cls, ns: argparse.Namespace, prefix: str = "", skip: typing.Iterable[str] = ()):
     """An instance of `cls` from parsed flags (skipped fields keep their defaults). A ConfigError
     from the dataclass's own validation is re-raised naming the flag."""
-    kw = {f.name: from_flags(tp, ns, pre, skip) if is_dataclass(tp) else getattr(ns, (pre + f.name).replace("-", "_"))
-          for f, tp, pre in _settings(cls, prefix, skip)}
+    kw = {}
+    for f, tp, pre in _settings(cls, prefix, skip):
+        v = from_flags(tp, ns, pre, skip) if is_dataclass(tp) else getattr(ns, (pre + f.name).replace("-", "_"))
+        if v is None and _list_item(tp) is not None:   # a repeatable flag never given
+            v = _default(f)
+        kw[f.name] = v
     try:
         return cls(**kw)
     except ConfigError as e:

@@ -94,6 +94,27 @@ class PeakMemory:
                 "memory_start_bytes": self.start, "memory_peak_bytes": self.peak, "memory_extra_bytes": self.extra}
 
 
+def process_peak_bytes(device: str) -> int:
+    """Peak memory of this process so far: max_memory_allocated on CUDA, RSS high-water on CPU."""
+    return torch.cuda.max_memory_allocated() if str(device).startswith("cuda") else peak_rss_bytes()
+
+
+@torch.no_grad()
+def prefill_seconds(model, ids: list[int], repeats: int = 2, chunk: int = 512) -> float:
+    """Wall time of prefilling `ids` into a fresh KV cache (as generation does), best of `repeats`."""
+    dev = model.embed.weight.device
+    best = float("inf")
+    for _ in range(repeats):
+        cache = model.new_cache(1, len(ids))
+        _sync(dev)
+        t0 = time.perf_counter()
+        for s in range(0, len(ids), chunk):
+            model(torch.tensor([ids[s:s + chunk]], device=dev), cache=cache)
+        _sync(dev)
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
 # ------------------------------------------------------------------------------------------
 # Measurement processes
 # ------------------------------------------------------------------------------------------

@@ -65,8 +65,11 @@ class LoRALinear(nn.Linear):
                       alpha=alpha, dropout=dropout, dtype=w.dtype)
         new.weight = w
         new.bias = lin.bias
-        new.lora_A = nn.Parameter(torch.empty(rank, lin.in_features, device=w.device, dtype=w.dtype))
-        new.lora_B = nn.Parameter(torch.empty(lin.out_features, rank, device=w.device, dtype=w.dtype))
+        # LoRA is kept in fp32 whatever the base dtype (bf16/fp16 base weights, fp32 adapter and
+        # optimizer state): the update is computed in fp32 and cast to the base's dtype
+        lora_dtype = torch.float32 if w.dtype in (torch.bfloat16, torch.float16) else w.dtype
+        new.lora_A = nn.Parameter(torch.empty(rank, lin.in_features, device=w.device, dtype=lora_dtype))
+        new.lora_B = nn.Parameter(torch.empty(lin.out_features, rank, device=w.device, dtype=lora_dtype))
         new.reset_lora()
         return new
 
@@ -84,7 +87,10 @@ class LoRALinear(nn.Linear):
         y = F.linear(x, self.weight, self.bias)
         if self.merged:
             return y
-        return y + (self.dropout(x) @ self.lora_A.T @ self.lora_B.T) * self.scale
+        x = self.dropout(x)
+        if x.dtype != self.lora_A.dtype:  # bf16/fp16 base, fp32 LoRA
+            return y + ((x.to(self.lora_A.dtype) @ self.lora_A.T @ self.lora_B.T) * self.scale).to(y.dtype)
+        return y + (x @ self.lora_A.T @ self.lora_B.T) * self.scale
 
     @torch.no_grad()
     def merge(self):
@@ -210,9 +216,12 @@ def read_adapter(path) -> tuple[dict, dict]:
 
 
 def load_adapter(model, path, merge: bool = False, check_base: bool = True) -> dict:
-    """Apply (if needed) and load an adapter; refuse one trained on another base model.
-    Returns the adapter's metadata."""
-    tensors, md = read_adapter(path)
+    """Apply (if needed) and load an adapter (a path, or a (tensors, metadata) pair from
+    read_adapter or compose); refuse one trained on another base model. Returns its metadata."""
+    if isinstance(path, (str, Path)):
+        tensors, md = read_adapter(path)
+    else:
+        (tensors, md), path = path, "composed adapter"
     lc = json.loads(md["lora_config"])
     if check_base:
         fp = base_fingerprint(model)
@@ -232,6 +241,61 @@ def load_adapter(model, path, merge: bool = False, check_base: bool = True) -> d
     if merge:
         merge_lora(model)
     return md
+
+
+def write_adapter(tensors: dict, metadata: dict, path) -> Path:
+    """Write (tensors, metadata), e.g. from compose, as an adapter file, atomically."""
+    atomic_save_safetensors({k: v.to("cpu").contiguous() for k, v in tensors.items()}, path, metadata=metadata)
+    return Path(path)
+
+
+def compose(adapters, weights=None) -> tuple[dict, dict]:
+    """One adapter whose update is the sum of the given adapters' updates, by concatenation along
+    the rank: A = [A_1; A_2; ...] (rows), B = [s_1 B_1, s_2 B_2, ...] (columns) with each scale
+    s_i = alpha_i / r_i folded into its B, so B A = sum_i s_i B_i A_i for any ranks and alphas
+    (weights: optional factors w_i, folded in the same way: sum_i w_i s_i B_i A_i).
+    The result has rank R = sum r_i and alpha R (scale 1), in fp32. Each adapter is a path or a
+    (tensors, metadata) pair from read_adapter; all must be made for the same base model
+    (fingerprint) with the same targets. Returns (tensors, metadata): load_adapter(model, it),
+    write_adapter(*it, path)."""
+    adapters = list(adapters)
+    if not adapters:
+        raise ValueError("compose: no adapters given")
+    names = [str(a) if isinstance(a, (str, Path)) else f"adapter {i + 1}" for i, a in enumerate(adapters)]
+    loaded = [read_adapter(a) if isinstance(a, (str, Path)) else a for a in adapters]
+    cfgs = [json.loads(md["lora_config"]) for _, md in loaded]
+    t0, md0, c0 = loaded[0][0], loaded[0][1], cfgs[0]
+    for name, (t, md), c in zip(names[1:], loaded[1:], cfgs[1:]):
+        if md.get("base_fingerprint") != md0.get("base_fingerprint"):
+            raise CheckpointError(name, f"made for another base model than {names[0]} (fingerprint "
+                                        f"{md.get('base_fingerprint')} vs {md0.get('base_fingerprint')})")
+        if list(c["targets"]) != list(c0["targets"]) or set(t) != set(t0):
+            raise CheckpointError(name, f"targets {','.join(c['targets'])} differ from {names[0]}'s "
+                                        f"{','.join(c0['targets'])}")
+    weights = [1.0] * len(loaded) if weights is None else [float(w) for w in weights]
+    if len(weights) != len(loaded):
+        raise ValueError(f"compose: {len(weights)} weights for {len(loaded)} adapters")
+    scales = [w * c["alpha"] / c["rank"] for w, c in zip(weights, cfgs)]
+    rank = sum(c["rank"] for c in cfgs)
+    out = {}
+    for k in sorted(t0):
+        if k.endswith("lora_A"):
+            out[k] = torch.cat([t[k].float() for t, _ in loaded], 0)                       # (R, in)
+        elif k.endswith("lora_B"):
+            out[k] = torch.cat([t[k].float() * s for (t, _), s in zip(loaded, scales)], 1)  # (out, R)
+        else:
+            raise CheckpointError(names[0], f"unexpected adapter tensor {k}")
+    parts = [{"name": Path(n).name, "rank": c["rank"], "alpha": c["alpha"], "weight": w,
+              **{k: md[k] for k in ("source_name", "source_sha256", "tokens_absorbed") if k in md}}
+             for n, (_, md), c, w in zip(names, loaded, cfgs, weights)]
+    md = {"nanoabsorber.adapter": "1", "base_fingerprint": md0.get("base_fingerprint", ""),
+          "lora_config": json.dumps({"rank": rank, "alpha": float(rank), "targets": list(c0["targets"]),
+                                     "dropout": 0.0}),
+          "composed_from": json.dumps(parts)}
+    tokens = [json.loads(m["tokens_absorbed"]) for _, m in loaded if "tokens_absorbed" in m]
+    if len(tokens) == len(loaded):
+        md["tokens_absorbed"] = json.dumps(sum(tokens))
+    return out, md
 
 
 def export_peft(model, out_dir, base_model_name: str) -> Path:

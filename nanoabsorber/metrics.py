@@ -73,10 +73,23 @@ def token_f1(prediction: str, answers: list[str]) -> float:
     return max(_f1(p, normalize_answer(a).split()) for a in answers)
 
 
+def first_sentence(s: str) -> str:
+    """The prediction's first sentence: up to the first '.', '!' or '?' followed by a space or the
+    end, or the end of the first line (a decimal point or an initial does not end it)."""
+    m = re.search(r"[.!?](?=\s|$)", first_line(s))
+    return first_line(s)[:m.end()] if m else first_line(s)
+
+
+def sentence_match(prediction: str, answers: list[str]) -> bool:
+    """The first sentence answers: an accepted answer occurs in it (a recital of the document that
+    names the answer later does not count)."""
+    return lenient_match(first_sentence(prediction), answers)
+
+
 def qa_scores(prediction: str, answers: list[str]) -> dict:
-    """{"lenient", "strict", "f1"} of one prediction (each in [0, 1])."""
-    return {"lenient": float(lenient_match(prediction, answers)), "strict": float(exact_match(prediction, answers)),
-            "f1": token_f1(prediction, answers)}
+    """{"lenient", "sentence", "strict", "f1"} of one prediction (each in [0, 1])."""
+    return {"lenient": float(lenient_match(prediction, answers)), "sentence": float(sentence_match(prediction, answers)),
+            "strict": float(exact_match(prediction, answers)), "f1": token_f1(prediction, answers)}
 
 
 def mean(xs) -> float:

@@ -15,6 +15,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 from .attention import attention
 
@@ -225,6 +226,7 @@ class Llama(nn.Module):
         if cfg.tie_embeddings:
             self.output.weight = self.embed.weight
         self.inv_freq = rope_inv_freq(cfg)  # plain fp32 CPU tensor, not a parameter or buffer
+        self.grad_checkpointing = False     # True: recompute each block in backward (training passes only)
         self._rope_cache = {}
 
     def tie_weights(self):
@@ -274,8 +276,12 @@ class Llama(nn.Module):
         x = self.embed(idx)                                               # (B, T, dim)
         cos, sin = self.rope(start, T, x.device, x.dtype)                 # (T, head_dim)
         hs = [x] if hidden else None
+        ckpt = getattr(self, "grad_checkpointing", False) and cache is None and torch.is_grad_enabled()
         for i, block in enumerate(self.layers):
-            x = block(x, cos, sin, i, cache)
+            if ckpt:  # activation checkpointing: keep the block's input only, recompute it in backward
+                x = torch.utils.checkpoint.checkpoint(block, x, cos, sin, i, None, use_reentrant=False)
+            else:
+                x = block(x, cos, sin, i, cache)
             if hidden:
                 hs.append(x)
         if cache is not None:

@@ -344,13 +344,7 @@ def signature_diff(saved: dict, now: dict, prefix: str = "") -> list[str]:
     return out
 
 
-def format_duration(s: float) -> str:
-    s = int(max(0, s))
-    h, m, s = s // 3600, s % 3600 // 60, s % 60
-    return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
-
-
 __all__ = ["PRESETS", "DEFAULT_PRESET", "STATE_FILE", "DataConfig", "ModelConfig", "OptimConfig", "LogConfig",
            "SystemConfig", "TrainConfig", "hidden_dim_for", "model_config", "get_lr", "param_groups",
            "lora_merged", "weights_sha256", "optimizer_tensors", "load_optimizer_tensors",
-           "save_train_state", "read_train_state_info", "read_train_state", "signature_diff", "format_duration"]
+           "save_train_state", "read_train_state_info", "read_train_state", "signature_diff"]

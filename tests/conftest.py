@@ -83,3 +83,30 @@ def make_text(path: Path, n_lines=300, seed=0) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path
+
+
+def write_tiny_checkpoint(folder: Path, vocab: int = 512, seed: int = 0, max_seq_len: int = 2048) -> Path:
+    """A tiny random Llama + a SentencePiece tokenizer trained on generated text, saved as a
+    checkpoint folder: what the scripts can load in seconds."""
+    import sentencepiece as spm
+
+    from nanoabsorber import save_checkpoint
+    from nanoabsorber.benchdocs import make_fact_doc, make_story
+
+    folder.mkdir(parents=True, exist_ok=True)
+    lines = [p for k in range(30) for p in make_fact_doc(k, 80, 4).text.split("\n\n")]
+    lines += make_story(0, 2000).split("\n\n")
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(lines), model_prefix=str(folder / "tokenizer"), vocab_size=vocab, model_type="bpe",
+        byte_fallback=True, normalization_rule_name="identity", remove_extra_whitespaces=False,
+        add_dummy_prefix=True, character_coverage=1.0, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, minloglevel=2)
+    (folder / "tokenizer.vocab").unlink()
+    m = tiny(vocab=vocab, dim=32, layers=2, seed=seed)
+    m.cfg.max_seq_len = max_seq_len
+    save_checkpoint(m, folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt(tmp_path_factory) -> Path:
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("tinyckpt"))

@@ -106,3 +106,34 @@ def test_folder_or_new(tmp_path):
     assert folder_or_new(str(tmp_path)) is None and folder_or_new(str(tmp_path / "new" / "deeper")) is None
     assert folder_or_new(str(tmp_path / "f")) == "exists and is not a folder"
     assert "is a file" in folder_or_new(str(tmp_path / "f" / "sub")) and folder_or_new(" ") == "must not be empty"
+
+
+@dataclass
+class WithList:
+    files: list[str] = setting(default_factory=list, help="input files", check=lambda v: None if v.endswith(".txt")
+                               else f"must end in .txt, not {v!r}")
+    sizes: list[int] = setting(default_factory=lambda: [8], help="sizes", check=positive)
+
+    def __post_init__(self):
+        validate(self)
+
+
+def test_list_valued_settings_are_repeatable_flags(capsys):
+    p = Parser(prog="t")
+    add_flags(p, WithList)
+    assert build(p, WithList, p.parse_args([])) == WithList() == WithList(files=[], sizes=[8])   # defaults kept
+    cfg = build(p, WithList, p.parse_args(["--files", "a.txt", "--sizes", "3", "--files", "b.txt"]))
+    assert cfg == WithList(files=["a.txt", "b.txt"], sizes=[3])
+    assert "(repeatable)" in p.format_help()
+    a, b = build(p, WithList, p.parse_args([])), build(p, WithList, p.parse_args([]))
+    a.files.append("x.txt")
+    assert b.files == []                                        # no shared default list
+    for argv, needle in ((["--files", "a.txt", "--files", "b.csv"], "--files: must end in .txt, not 'b.csv'"),
+                         (["--sizes", "0"], "--sizes: must be > 0"), (["--sizes", "x"], "invalid int value")):
+        with pytest.raises(SystemExit) as e:
+            build(p, WithList, p.parse_args(argv))
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and needle in err and len(err.strip().splitlines()) == 1, err
+    with pytest.raises(ConfigError, match="sizes: must be > 0"):     # the Python API checks every item
+        WithList(sizes=[2, -1])
+    assert from_dict(WithList, dataclasses.asdict(cfg)) == cfg

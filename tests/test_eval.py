@@ -7,20 +7,18 @@ import math
 import os
 import subprocess
 import sys
-from dataclasses import fields
+from dataclasses import fields, replace
 from pathlib import Path
 
 import pytest
-import sentencepiece as spm
 import torch
 
-from nanoabsorber import load, save_checkpoint
+from nanoabsorber import load
 from nanoabsorber.absorber import AbsorbConfig
 from nanoabsorber.benchdocs import POSITIONS, make_fact_doc, make_story
 from nanoabsorber.cli import RunConfig, run
 from nanoabsorber.lora import LoRAConfig
 from nanoabsorber.model import kv_cache_bytes
-from tests.conftest import tiny
 
 ROOT = Path(__file__).resolve().parents[1]
 ev = importlib.import_module("eval")
@@ -36,12 +34,12 @@ def _parse(argv):
 
 def test_presets_fill_the_sizes_and_an_explicit_flag_wins():
     run_cfg, cfg, base = _parse([])
-    assert cfg.context == 2048 and cfg.fact_lengths == "256,512,1024" and cfg.only == "lm,facts,cost"
+    assert cfg.context == 2048 and cfg.fact_lengths == "256,512,1024" and cfg.only == "lm,facts,long,cost"
     assert base.steps == AbsorbConfig().steps == cfg.steps and base.batch_tokens == AbsorbConfig().batch_tokens
     _, cfg, base = _parse(["--quick", "--steps", "3", "--tasks", "t.jsonl"])
     assert cfg.context == 1024 and cfg.answer_tokens == 16 and cfg.cost_steps == 1
     assert base.steps == 3 == cfg.steps and base.batch_tokens == 128
-    assert cfg.sections() == ["lm", "facts", "tasks", "cost"]
+    assert cfg.sections() == ["lm", "facts", "long", "tasks", "cost"] and cfg.long_lengths == "768"
     _, cfg, _ = _parse(["--only", "cost,lm"])
     assert cfg.sections() == ["lm", "cost"]                     # canonical order
 
@@ -88,7 +86,9 @@ def _invalid_values(tmp_path) -> dict:
          "--eps": ["-1"], "--lr": ["0"], "--schedule": ["linear"], "--weight-decay": ["-1"], "--grad-clip": ["-1"],
          "--chunk": ["0"], "--sync-len": ["-1"], "--gen-tokens": ["-1"], "--gen-temperature": ["0"],
          "--gen-top-p": ["2"], "--gen-samples": ["0"], "--probes": ["nonsense"], "--rank": ["0"], "--alpha": ["0"],
-         "--targets": ["q,zz"], "--dropout": ["1.5"], "--seed": ["x"]}
+         "--targets": ["q,zz"], "--dropout": ["1.5"], "--seed": ["x"], "--long-lengths": ["0"],
+         "--long-styles": ["poems"], "--long-docs": ["0"], "--long-questions": ["x"],
+         "--checkpoint-activations": None}
     return v
 
 
@@ -154,22 +154,6 @@ def test_absorb_dropped_never_trains_on_the_evaluated_text(monkeypatch):
 # ------------------------------------------------------------------------------------------
 # eval.py end to end on a tiny checkpoint
 # ------------------------------------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def tiny_ckpt(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("tinyckpt")
-    lines = [p for k in range(30) for p in make_fact_doc(k, 80, 4).text.split("\n\n")]
-    lines += make_story(0, 2000).split("\n\n")
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(lines), model_prefix=str(folder / "tokenizer"), vocab_size=512, model_type="bpe",
-        byte_fallback=True, normalization_rule_name="identity", remove_extra_whitespaces=False,
-        add_dummy_prefix=True, character_coverage=1.0, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, minloglevel=2)
-    (folder / "tokenizer.vocab").unlink()
-    m = tiny(vocab=512, dim=32, layers=2)
-    m.cfg.max_seq_len = 2048
-    save_checkpoint(m, folder)
-    return folder
-
 
 def _run_eval(args: list) -> subprocess.CompletedProcess:
     """eval.py as a program, in a fresh process."""
@@ -273,3 +257,46 @@ def test_eval_bad_input_is_one_line_and_exit_2(tiny_ckpt, tmp_path, capsys):
                           "lm", *SMALL], capsys)
     lines = [ln for ln in err.strip().splitlines() if ln.startswith("error")]
     assert code == 2 and len(lines) == 1 and "short.txt: too short" in lines[0] and "Traceback" not in err, err
+
+
+def test_eval_long_documents_on_a_tiny_checkpoint(tiny_ckpt, tmp_path, capsys):
+    out = tmp_path / "long"
+    code, stdout, stderr = _main(["--ckpt", str(tiny_ckpt), "--out", str(out), "--only", "long", "--long-lengths",
+                                  "300", "--long-styles", "catalogue,prose", "--long-questions", "4", "--chunk", "96",
+                                  "--sync-len", "48", "--steps", "2", "--gen-tokens", "8", "--answer-tokens", "6",
+                                  "--methods", "absorber,ntp"], capsys)
+    assert code == 0, stderr[-3000:]
+    res = json.loads((out / "results.json").read_text())
+    long = res["long"]
+    assert res["long"]["methods"] == ["full", "oracle_window", "oracle_passage", "last_window", "absorber", "ntp"]
+    assert len(long["documents"]) == 2 and all(d["windows"] >= 3 for d in long["documents"])
+    rows = long["rows"]
+    questions = {(r["item"], r["question"]) for r in rows}
+    assert len(rows) == 6 * len(questions) and len(questions) >= 4         # every method answers every question
+    doc = long["documents"][0]["text"]
+    for r in rows:
+        assert doc.count(r["answers"][0]) <= 1 or r["item"] == 1          # every answer occurs once
+        assert 0 <= r["window"] < long["documents"][r["item"]]["windows"] and r["third"] in POSITIONS
+        assert ("fresh" in r) == (r["method"] in ("absorber", "ntp"))      # retention measured for absorbing methods
+    s = long["summary"]
+    assert set(s["absorber"]["retention"]) == {"right_after_its_window", "after_the_last_window",
+                                               "window_1_right_after", "window_1_after_the_last"}
+    assert s["absorber"]["absorb_seconds_per_1k_tokens"] > 0 and s["full"]["absorb_seconds_per_1k_tokens"] is None
+    assert set(s["full"]["by_third"]) <= set(POSITIONS) and "sentence" in s["oracle_passage"]
+    assert "### Long documents" in stdout and "Retention" in stdout
+    assert (out / "long_recall_position.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_long_questions_know_where_their_answer_is(tiny_ckpt):
+    """The oracle window holds the answer, the oracle passage too, and the thirds follow the order."""
+    from nanoabsorber import load
+
+    _, tok = load(tiny_ckpt)
+    cfg = replace(ev.EvalConfig(long_lengths="400", long_styles="prose", long_docs=1, long_questions=5), quick=False)
+    items = ev.long_items(tok, cfg, AbsorbConfig(chunk=80, sync_len=40))
+    qs = items[0]["questions"]
+    assert [q["window"] for q in qs] == sorted(q["window"] for q in qs) and qs[0]["third"] == "beginning"
+    assert qs[-1]["third"] == "end" and qs[-1]["window"] >= items[0]["windows"] - 2     # the last entry
+    for q in qs:
+        assert any(a in q["oracle_passage"] for a in q["answers"])
+        assert any(a in q["oracle_window"] for a in q["answers"])

@@ -11,7 +11,7 @@ from nanoabsorber.cli import run
 from tests.conftest import ROOT
 
 # flags whose every value is valid (free text): nothing to reject
-FREE_TEXT = {("sample.py", "--prompt"), ("sample.py", "--system")}
+FREE_TEXT = {("sample.py", "--prompt"), ("sample.py", "--system"), ("chat.py", "--system")}
 # flags whose generic bad value would be valid: a value that is not
 OVERRIDES = {("absorb.py", "--out"): "adapter.txt"}
 
@@ -56,7 +56,7 @@ def bad_values(script: str, action: argparse.Action, tmp) -> list[str]:
     return [flag, str(tmp / "a_file" / "@bogus@")]
 
 
-SCRIPTS = ["absorb.py", "sample.py", "eval.py", "train.py"]
+SCRIPTS = ["absorb.py", "sample.py", "eval.py", "train.py", "chat.py"]
 
 
 def flags_of(script: str):

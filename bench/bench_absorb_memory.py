@@ -1,0 +1,111 @@
+"""Memory of absorption: peak memory and seconds per step, default vs activation checkpointing
+(AbsorbConfig.checkpoint_activations), against the Y tokens per step, on the same work
+(bench/absorb_work.py: default model, X 512 tokens, Y n x 128, hidden-state L1, rank 16, all
+projections). Each point runs in a fresh process (so no earlier run pollutes the high-water
+mark); memory is nanoabsorber.cost.PeakMemory over the absorption alone: RSS high-water (VmHWM,
+reset after the model is loaded and paged in) on CPU, max_memory_allocated on CUDA.
+
+On CPU the RSS high-water mark also counts memory the C allocator keeps after PyTorch frees it:
+glibc raises its mmap threshold as large blocks are freed, so later tensors come from a heap that
+is not given back, and the high-water mark then measures fragmentation as much as live tensors.
+--malloc fixed (the default here) pins the threshold (MALLOC_MMAP_THRESHOLD_=65536) so freed
+tensors leave the RSS; --malloc default measures glibc as it comes.
+
+    python bench/bench_absorb_memory.py [--ys 1,2,4] [--steps 4] [--threads 1] [--device cpu]
+        [--dtype float32] [--malloc fixed|default] [--out bench/results/absorb_memory.txt]
+"""
+import argparse
+import os
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent))
+
+import absorb_work as W  # noqa: E402
+
+
+def worker(args) -> None:
+    import torch
+
+    from nanoabsorber import load
+    from nanoabsorber.absorber import AbsorbConfig, absorb_chunk
+    from nanoabsorber.cost import PeakMemory
+    from nanoabsorber.lora import apply_lora
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    model, tok = load(device=args.device, dtype=getattr(torch, args.dtype))
+    with torch.no_grad():  # page in every weight, initialise the math libraries
+        model(torch.zeros((1, 8), dtype=torch.long, device=args.device))
+    cfg = AbsorbConfig(steps=args.steps, lr=1e-3, checkpoint_activations=args.ckpt)
+    apply_lora(model, cfg.lora)
+    g = W.groups(tok, n_y=args.n_y)
+    rows = []
+    with PeakMemory(args.device) as mem:
+        res = absorb_chunk(model, g, cfg, log=rows.append)
+    st = W.step_times(rows)[1:] or W.step_times(rows)
+    W.emit({"y_tokens": sum(len(y) for y in g[0][2]), "ckpt": args.ckpt, "steps": res.steps,
+            "s_per_step": W.median(st), "step_times": st, "final_loss": res.final_loss, **mem.as_dict()})
+
+
+def run(n_y: int, ckpt: bool, args) -> dict:
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", "--n-y", str(n_y), "--steps", str(args.steps),
+           "--threads", str(args.threads), "--device", args.device, "--dtype", args.dtype] + (["--ckpt"] if ckpt else [])
+    return W.run_worker(cmd, args.threads, {"MALLOC_MMAP_THRESHOLD_": "65536"} if args.malloc == "fixed" else None)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ys", default="1,2,4", help="Y sequences of 128 tokens per step, comma list")
+    p.add_argument("--steps", type=int, default=4)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--malloc", default="fixed", choices=("fixed", "default"),
+                   help="CPU: pin glibc's mmap threshold (fixed) or leave it (default); see above")
+    p.add_argument("--out", default=str(HERE / "results" / "absorb_memory.txt"))
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--n-y", type=int, default=4, help=argparse.SUPPRESS)
+    p.add_argument("--ckpt", action="store_true", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.worker:
+        return worker(args)
+    import time
+
+    from nanoabsorber.io import atomic_write_text
+
+    mib = 2 ** 20
+    load0 = os.getloadavg()
+    rows = []
+    for n_y in [int(v) for v in args.ys.split(",")]:
+        pair = []
+        for ck in (False, True):  # side by side: the two modes back to back at each size
+            r = run(n_y, ck, args)
+            pair.append(r)
+            print(f"Y {r['y_tokens']} tokens, {'checkpointing' if ck else 'default'}: peak "
+                  f"{r['memory_peak_bytes'] / mib:.0f} MiB (extra {r['memory_extra_bytes'] / mib:.0f}), "
+                  f"{r['s_per_step']:.2f} s/step", flush=True)
+        rows.append(pair)
+    kind = rows[0][0]["memory_kind"]
+    lines = [f"# python bench/bench_absorb_memory.py --ys {args.ys} --steps {args.steps} --threads {args.threads} "
+             f"--device {args.device} --dtype {args.dtype} --malloc {args.malloc}",
+             f"# {time.strftime('%Y-%m-%d %H:%M:%S %Z')}, {os.cpu_count()} CPUs, load average before {load0[0]:.2f} / "
+             f"after {os.getloadavg()[0]:.2f} (a shared machine: other work ran at the same time)",
+             "# work: default model, X 512 tokens, Y n x 128, hidden-state L1, rank 16, all projections; "
+             f"memory: {kind}; extra = above the loaded model; s/step = median after the first step", "",
+             "| Y tokens / step | peak MiB default | peak MiB ckpt | extra MiB default | extra MiB ckpt | "
+             "extra ratio | s/step default | s/step ckpt | time ratio |", "|---|---|---|---|---|---|---|---|---|"]
+    for d, c in rows:
+        lines.append(f"| {d['y_tokens']} | {d['memory_peak_bytes'] / mib:.0f} | {c['memory_peak_bytes'] / mib:.0f} | "
+                     f"{d['memory_extra_bytes'] / mib:.0f} | {c['memory_extra_bytes'] / mib:.0f} | "
+                     f"{c['memory_extra_bytes'] / max(d['memory_extra_bytes'], 1):.2f}x | {d['s_per_step']:.2f} | "
+                     f"{c['s_per_step']:.2f} | {c['s_per_step'] / d['s_per_step']:.2f}x |")
+    text = "\n".join(lines) + "\n"
+    print(text)
+    atomic_write_text(args.out, text)
+
+
+if __name__ == "__main__":
+    main()
