@@ -344,7 +344,9 @@ def main(argv=None):
     setup(run_cfg)
     torch.manual_seed(cfg.seed)
     try:
-        return absorb_one(text, name, out, questions, opts, run_cfg, cfg, procs)
+        code = absorb_one(text, name, out, questions, opts, run_cfg, cfg, procs)
+        stop_processes(wait=True)
+        return code
     finally:
         stop_processes()
 

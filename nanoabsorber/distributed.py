@@ -61,8 +61,12 @@ def start_processes(device: str) -> Procs:
     return Procs(True, rank, world, device)
 
 
-def stop_processes() -> None:
+def stop_processes(wait: bool = False) -> None:
+    """Leave the process group. wait=True (a normal end): first wait for every rank, so that no
+    rank tears its gloo threads down while rank 0 is still writing and evaluating."""
     if dist.is_available() and dist.is_initialized():
+        if wait:
+            dist.barrier()
         dist.destroy_process_group()
 
 
