@@ -6,17 +6,19 @@
     python eval.py --only cost --cost-lengths 1024,2048,4096,8192
 
 Methods: full context (upper bound), no context, window (only the last W tokens), Absorber
-(hidden-state sync, L1), NTP absorption (TTT / Temp-LoRA style), logits-only KL distillation,
-hybrid hidden-state + KL. Select with --methods.
+(hidden-state sync, L1), Absorber with per-layer normalised L1, NTP absorption (TTT / Temp-LoRA
+style), logits-only KL distillation, hybrid hidden-state + KL. Select with --methods.
 
 Sections (--only lm,facts,tasks,cost):
-  lm     streaming language modelling: each --docs file (default: a generated story) gives
-         segments of C context tokens (--context) then E unseen tokens (--eval-len). full = E after
-         all of C; none = E alone; window = E after the last W tokens of C; absorbing methods
-         absorb the first C - W tokens (the text that left the window; Y = the real text after
-         each absorbed window, never E) and score E after the same last W tokens. Reports NLL
-         per token, KL from the full-context model, the fraction of the context effect recovered,
-         and NLL against position after the context.
+  lm     the paper's own test: each --docs file (default: a generated story) gives segments of
+         C context tokens (--context) then E unseen tokens (--eval-len). full = E after all of C;
+         none = E alone; window = E after the last W tokens of C (--window, 0 allowed); absorbing
+         methods absorb the first C - W tokens (the text that left the window; Y = the real text
+         after each absorbed window, then teacher-sampled continuations; never E) and score E
+         after the same last W tokens. Reports per document and overall: NLL per token, KL from
+         the full-context model, recovered = 1 - KL / KL_none (with 95% bootstrap intervals over
+         segments), the per-layer hidden-state distance to the full-context model on E (plot
+         lm_layers.png), and NLL against position after the context (lm_nll_position.png).
   facts  generated documents about fictional people, places and numbers (seeded; --fact-lengths
          tokens, facts at the beginning, middle and end); absorbing methods answer with no
          document in the prompt. Lenient (answer contained), strict (first line equals the
@@ -41,18 +43,19 @@ from typing import Callable, Optional
 import torch
 
 from nanoabsorber import load
-from nanoabsorber.absorber import PROBE_LR, RAW_TEXT_LR, AbsorbConfig, absorb_chunk, absorb_text, chunk_windows
+from nanoabsorber.absorber import (PROBE_LR, PROBE_STEPS, RAW_STEPS, RAW_TEXT_LR, AbsorbConfig, absorb_stream, absorb_text,
+                                   chunk_windows, resolve_config)
 from nanoabsorber.benchdocs import (POSITIONS, document_segments, load_tasks, long_questions, make_fact_doc, make_long_doc,
                                     make_story)
-from nanoabsorber.cli import RunConfig, check_ckpt, check_output_path, read_text_file, run, setup
+from nanoabsorber.cli import RunConfig, check_ckpt, check_output_path, format_duration, read_text_file, run, setup
 from nanoabsorber.config import (ConfigError, Parser, add_flags, build, comma_list, flag_name, folder_or_new,
                                  non_negative, positive, print_config, setting, validate)
 from nanoabsorber.cost import PeakMemory, environment, run_isolated
 from nanoabsorber.errors import UserError
 from nanoabsorber.io import atomic_write_text
 from nanoabsorber.lora import apply_lora, reset_lora
-from nanoabsorber.metrics import (continuation_scores, lm_logprobs, mean, nll_by_position, qa_scores, recovered,
-                                  token_nlls)
+from nanoabsorber.metrics import (bootstrap_ci, continuation_scores, layer_distances, lm_logprobs, mean, nll_by_position,
+                                  qa_scores, recovered, recovered_kl, target_hidden, token_nlls)
 from nanoabsorber.probes import answer, question_ids
 
 # ------------------------------------------------------------------------------------------
@@ -75,6 +78,7 @@ METHODS = {m.name: m for m in [
     Method("absorber", "Absorber (L1 sync)", "absorb", {"objective": "sync", "loss": "l1"}),
     Method("ntp", "NTP (TTT)", "absorb", {"objective": "ntp"}),
     Method("kl", "logit KL", "absorb", {"objective": "sync", "loss": "kl"}),
+    Method("l1_norm", "Absorber (per-layer norm. L1)", "absorb", {"objective": "sync", "loss": "l1_norm"}),
     Method("hybrid", "hybrid L1+KL", "absorb", {"objective": "sync", "loss": "hybrid"}),
 ]}
 
@@ -107,9 +111,9 @@ SECTIONS = ("lm", "facts", "long", "tasks", "cost")
 _RECIPE_DEFAULTS = AbsorbConfig()
 # Sizes: a setting left at None takes the preset's value (--quick or full); an explicit flag wins.
 PRESETS = {
-    "full": dict(context=2048, eval_len=512, window=256, lm_segments=2, steps=_RECIPE_DEFAULTS.steps,
+    "full": dict(context=2048, eval_len=512, window=256, lm_segments=2, steps=None,
                  batch_tokens=_RECIPE_DEFAULTS.batch_tokens, fact_lengths="256,512,1024", facts_per_doc=6,
-                 fact_docs=2, cost_lengths="1024,2048,4096,8192", cost_tokens=1024, cost_steps=_RECIPE_DEFAULTS.steps,
+                 fact_docs=2, cost_lengths="1024,2048,4096,8192", cost_tokens=1024, cost_steps=PROBE_STEPS,
                  decode_tokens=32, answer_tokens=32, long_lengths="2048,4096,8192", long_styles="catalogue,prose",
                  long_docs=1, long_questions=12),
     "quick": dict(context=1024, eval_len=256, window=128, lm_segments=1, steps=10, batch_tokens=128,
@@ -153,7 +157,8 @@ class EvalConfig:
     context: Optional[int] = sized("context", "lm: context tokens C before the evaluated span")
     eval_len: Optional[int] = sized("eval_len", "lm: evaluated tokens E after the context (never trained on)")
     window: Optional[int] = sized("window", "W: tokens kept in the attention window by the window and absorbing "
-                                  "methods")
+                                  "methods (0: none; the absorbed model then sees only the evaluated text)",
+                                  check=non_negative)
     lm_segments: Optional[int] = sized("lm_segments", "lm: segments (C + E tokens) per document")
     buckets: int = setting(8, "lm: position buckets for NLL vs position", check=positive)
     fact_lengths: Optional[str] = sized("fact_lengths", "facts: document lengths in tokens, comma list",
@@ -174,7 +179,9 @@ class EvalConfig:
     cost_steps: Optional[int] = sized("cost_steps", "cost: optimizer steps for the absorption measurement",
                                       check=non_negative)
     decode_tokens: Optional[int] = sized("decode_tokens", "cost: tokens decoded per latency measurement")
-    steps: Optional[int] = sized("steps", "optimizer steps per absorbed window", check=non_negative)
+    steps: Optional[int] = setting(None, f"optimizer steps per absorbed window (automatic: the recipe's, "
+                                   f"{RAW_STEPS} for raw-text Y (lm), {PROBE_STEPS} with chat probes (facts, long, "
+                                   f"tasks); with --quick: {PRESETS['quick']['steps']})", check=non_negative)
     batch_tokens: Optional[int] = sized("batch_tokens", "Y tokens per optimizer step (0 = all)", check=non_negative)
 
     def __post_init__(self):
@@ -253,6 +260,10 @@ def lr_text(base: AbsorbConfig) -> str:
     return f"{base.lr:g}" if base.lr else f"{RAW_TEXT_LR:g} (lm, raw-text Y) / {PROBE_LR:g} (QA sections, chat probes)"
 
 
+def steps_text(base: AbsorbConfig) -> str:
+    return f"{base.steps}" if base.steps is not None else f"{RAW_STEPS} (lm) / {PROBE_STEPS} (QA sections)"
+
+
 # ------------------------------------------------------------------------------------------
 # Streaming language modelling
 # ------------------------------------------------------------------------------------------
@@ -267,67 +278,91 @@ def lm_documents(tok, cfg: EvalConfig, seed: int, doc_texts: list) -> list:
     return [("generated story", segs)]
 
 
-def absorb_dropped(model, ids: list[int], keep: int, cfg: AbsorbConfig, prefix: list[int] = (),
+def tail(ids: list, n: int) -> list:
+    """The last n items (none for n = 0, unlike ids[-0:])."""
+    return list(ids[len(ids) - n:]) if n > 0 else []
+
+
+def absorb_dropped(model, ids: list[int], keep: int, cfg: AbsorbConfig, prefix: list[int] = (), stop_ids=(),
                    log: Optional[Callable[[dict], None]] = None) -> list:
     """Algorithm 2 over the text that has left a window of `keep` tokens: the X windows tile
-    ids[:-keep] (cfg.chunk tokens each); each X's Y is the cfg.sync_len real tokens after it, so
-    the last X is synchronised on text inside the kept window (never on anything later)."""
-    n_drop = len(ids) - keep
-    if n_drop <= 0:
+    ids[:-keep] (cfg.chunk tokens each); each X's Y is the cfg.sync_len real tokens after it (for
+    the last X: the kept window, then teacher-generated continuations, absorber.window_groups),
+    so nothing after `ids` is ever trained on. keep = 0 absorbs all of ids."""
+    if len(ids) - keep <= 0:
         return []
-    wins = chunk_windows(n_drop, cfg.chunk, cfg.sync_len)
-    out = []
-    for ci, (s, e, _) in enumerate(wins):
-        y = list(ids[e:min(e + cfg.sync_len, len(ids))])
-        groups = [(list(prefix), list(ids[s:e]), [y] if y else [])]
-        cb = (lambda d, ci=ci: log({**d, "chunk": ci + 1, "chunks": len(wins)})) if log else None
-        out.append(absorb_chunk(model, groups, cfg, cb))
-    return out
+    return absorb_stream(model, ids, cfg, list(prefix), stop_ids, log, end=len(ids) - keep)
 
 
-def lm_segment(model, prefix: list, ids: list, cfg: EvalConfig, base: AbsorbConfig, methods) -> tuple[dict, dict]:
+def lm_segment(model, prefix: list, ids: list, cfg: EvalConfig, base: AbsorbConfig, methods,
+               stop_ids=()) -> tuple[dict, dict]:
     """Score one segment (C context tokens, then E evaluated ones) with every method:
-    ({method: {"nll", "kl", "absorb"}}, {name: per-token NLL tensor}), the references "full"
-    and "none" always included (the recovered fraction needs them)."""
+    ({method: {"nll", "kl", "layers", "absorb"}}, {name: per-token NLL tensor}), the references
+    "full" and "none" always included (the recovered fractions need them). "layers": the relative
+    L1 distance of the method's hidden states to the full-context model's on the evaluated
+    tokens, per layer (metrics.layer_distances)."""
     C, W = cfg.context, cfg.window
     ctx, target = ids[:C], ids[C:]
     reset_lora(model, base.seed)
     refs = {"full": lm_logprobs(model, prefix, ctx, target), "none": lm_logprobs(model, prefix, [], target)}
+    # hidden states from the second evaluated token on: with nothing before it, the first one is
+    # the attention sink (states far larger than anywhere else), not comparable with the full model's
+    h_full = target_hidden(model, prefix, ctx, target)[:, 1:]
+    dist = lambda c: layer_distances(h_full, target_hidden(model, prefix, c, target)[:, 1:])  # noqa: E731
     nlls = {k: token_nlls(v, target) for k, v in refs.items()}
-    scores = {}
+    ref_scores = continuation_scores(refs, target)
+    scores = {k: {"nll": ref_scores[k]["nll"], "kl": ref_scores[k]["kl"], "absorb": None,
+                  "layers": dist(ctx if k == "full" else [])}
+              for k in refs}
     for m in methods:
+        if m.kind in refs:
+            continue
         reset_lora(model, base.seed)
         t0, absorbed = time.time(), None
         if m.kind == "absorb":
-            mcfg = method_config(base, m)
-            res = absorb_dropped(model, ctx, W, mcfg, prefix, step_logger(f"[lm] {m.name}", mcfg.steps))
+            mcfg = method_config(base, m).resolved(chat_probes=False)     # raw-text Y
+            res = absorb_dropped(model, ctx, W, mcfg, prefix, stop_ids, step_logger(f"[lm] {m.name}", mcfg.steps))
             absorbed = {"tokens": C - W, "windows": len(res), "steps": sum(r.steps for r in res),
-                        "seconds": time.time() - t0, "first_loss": res[0].first_loss, "final_loss": res[-1].final_loss}
-        logp = refs.get(m.kind)
-        if logp is None:
-            logp = lm_logprobs(model, prefix, ctx[-W:], target)   # window, or absorbed + window
-            nlls[m.name] = token_nlls(logp, target)
+                        "y_tokens": sum(r.y_tokens for r in res), "seconds": time.time() - t0,
+                        "first_loss": res[0].first_loss, "final_loss": res[-1].final_loss}
+        logp = lm_logprobs(model, prefix, tail(ctx, W), target)   # window, or absorbed + window
+        nlls[m.name] = token_nlls(logp, target)
         s = continuation_scores({**refs, m.name: logp}, target)[m.name]
-        scores[m.name] = {"nll": s["nll"], "kl": s["kl"], "absorb": absorbed}
-        say(f"[lm]   {m.label:22s} NLL {s['nll']:.4f}  KL {s['kl']:.4f}"
-            + (f"  (absorbed {C - W} tokens in {absorbed['seconds']:.0f}s)" if absorbed else ""))
+        scores[m.name] = {"nll": s["nll"], "kl": s["kl"], "absorb": absorbed,
+                          "layers": dist(tail(ctx, W))}
+    for m in methods:
+        s = scores[m.name]
+        say(f"[lm]   {m.label:22s} NLL {s['nll']:.4f}  KL {s['kl']:.4f}  recovered "
+            f"{recovered_kl(scores['none']['kl'], s['kl']):.3f}"
+            + (f"  (absorbed {C - W} tokens in {s['absorb']['seconds']:.0f}s)" if s["absorb"] else ""))
     return scores, nlls
 
 
-def lm_summary(segments: list, per_token: dict, methods: list) -> dict:
-    """Per method: NLL over every evaluated token, perplexity, mean KL from the full-context
-    model, fraction of the context effect recovered (references "full" and "none" in
-    per_token) and absorption seconds per 1k tokens."""
-    nll = {n: float(torch.cat(v).mean()) for n, v in per_token.items()}
+def lm_summary(segments: list, methods: list, seed: int = 0) -> dict:
+    """Per method over the segments: mean NLL and KL from the full-context model, the recovered
+    fraction 1 - KL / KL_none (the paper's test; a ratio of segment means) and the NLL-based one,
+    each with a 95% bootstrap interval over segments; the mean per-layer hidden distance to the
+    full-context model; absorption seconds per 1k tokens."""
+    def col(name, key):
+        return [s["methods"][name][key] for s in segments]
+
+    kl_none = col("none", "kl")
+    nll_none, nll_full = col("none", "nll"), col("full", "nll")
     out = {}
     for m in methods:
-        rows = [s["methods"][m.name] for s in segments]
-        ab = [r["absorb"] for r in rows if r["absorb"]]
+        nl, k = col(m.name, "nll"), col(m.name, "kl")
+        rows = list(zip(nl, k, kl_none, nll_none, nll_full))
+        rec = lambda r: recovered_kl(mean(x[2] for x in r), mean(x[1] for x in r))  # noqa: E731
+        rec_nll = lambda r: recovered(mean(x[3] for x in r), mean(x[4] for x in r), mean(x[0] for x in r))  # noqa
+        ab = [a for a in col(m.name, "absorb") if a]
         secs, toks = sum(a["seconds"] for a in ab), sum(a["tokens"] for a in ab)
-        out[m.name] = {"label": m.label, "nll": nll[m.name], "ppl": math.exp(nll[m.name]),
-                       "kl": mean(r["kl"] for r in rows),
-                       "recovered": recovered(nll["none"], nll["full"], nll[m.name]),
-                       "absorb_seconds_per_1k_tokens": secs / toks * 1000 if toks else None}
+        layers = torch.tensor(col(m.name, "layers")).mean(0).tolist()
+        out[m.name] = {"label": m.label, "segments": len(rows), "nll": mean(nl), "ppl": math.exp(mean(nl)),
+                       "nll_ci": bootstrap_ci(rows, lambda r: mean(x[0] for x in r), seed=seed),
+                       "kl": mean(k), "kl_ci": bootstrap_ci(rows, lambda r: mean(x[1] for x in r), seed=seed),
+                       "recovered": rec(rows), "recovered_ci": bootstrap_ci(rows, rec, seed=seed),
+                       "recovered_nll": rec_nll(rows), "recovered_nll_ci": bootstrap_ci(rows, rec_nll, seed=seed),
+                       "layers": layers, "absorb_seconds_per_1k_tokens": secs / toks * 1000 if toks else None}
     return out
 
 
@@ -338,17 +373,22 @@ def run_lm(model, tok, cfg: EvalConfig, base: AbsorbConfig, methods, doc_texts: 
                         f"{model.cfg.max_seq_len}-token context")
     segments, per_token = [], {}        # per_token[name]: one (E-1,) NLL tensor per segment
     docs = lm_documents(tok, cfg, base.seed, doc_texts)
+    total, t0 = sum(len(s) for _, s in docs), time.time()
     for name, segs in docs:
         for si, ids in enumerate(segs):
-            say(f"[lm] {name} segment {si + 1}/{len(segs)}: context {cfg.context}, window {cfg.window}, "
-                f"evaluated {len(ids) - cfg.context} tokens")
-            scores, nlls = lm_segment(model, prefix, ids, cfg, base, methods)
+            done = len(segments)
+            eta = f", ETA {format_duration((time.time() - t0) / done * (total - done))}" if done else ""
+            say(f"[lm] {name} segment {si + 1}/{len(segs)} ({done + 1}/{total}{eta}): context {cfg.context}, "
+                f"window {cfg.window}, evaluated {len(ids) - cfg.context} tokens")
+            scores, nlls = lm_segment(model, prefix, ids, cfg, base, methods, tok.stop_ids)
             for k, v in nlls.items():
                 per_token.setdefault(k, []).append(v)
             segments.append({"document": name, "segment": si, "methods": scores})
     reset_lora(model, base.seed)
+    by_doc = {name: lm_summary([s for s in segments if s["document"] == name], methods, base.seed)
+              for name, _ in docs}
     return {"documents": [{"name": n, "segments": len(s)} for n, s in docs], "segments": segments,
-            "summary": lm_summary(segments, per_token, methods),
+            "summary": lm_summary(segments, methods, base.seed), "by_document": by_doc,
             "position": nll_by_position({m.name: per_token[m.name] for m in methods}, cfg.buckets)}
 
 
@@ -371,7 +411,7 @@ def answer_all(model, tok, items: list, methods, base: AbsorbConfig, cfg: EvalCo
             fresh = {}                      # question index -> scores right after its window was absorbed
             if m.kind == "absorb":
                 absorbed = absorb_item(model, tok, item, method_config(base, m), cfg, f"[{tag}] {m.name}", fresh)
-            doc = {"full": ctx, "window": tok.decode(ctx_ids[-cfg.window:]), "last_window": item.get("last_window")}
+            doc = {"full": ctx, "window": tok.decode(tail(ctx_ids, cfg.window)), "last_window": item.get("last_window")}
             item_meta = {k: v for k, v in item.items() if k not in ("context", "questions", "last_window")}
             for qi, q in enumerate(item["questions"]):
                 meta = {k: v for k, v in q.items() if k not in ("question", "answers") and not k.startswith("oracle")}
@@ -401,7 +441,7 @@ def absorb_item(model, tok, item: dict, mcfg: AbsorbConfig, cfg: EvalConfig, tag
         answering[0] += time.time() - t
     t0 = time.time()
     with PeakMemory(str(model.embed.weight.device)) as mem:
-        res = absorb_text(model, tok, item["context"], mcfg, log=step_logger(tag, mcfg.steps),
+        res = absorb_text(model, tok, item["context"], mcfg, log=step_logger(tag, resolve_config(tok, mcfg).steps),
                           on_window=on_window if any("window" in q for q in qs) else None)
     secs = time.time() - t0 - answering[0]               # the absorption alone
     return {"tokens": len(tok.encode(item["context"])), "windows": len(res), "steps": sum(r.steps for r in res),
@@ -555,7 +595,7 @@ def cost_inference(tok, cfg: EvalConfig, base: AbsorbConfig, lengths: list, run_
     rows = []
     for L in lengths:
         for mode in ("full", "absorbed"):
-            window = min(cfg.window, L)
+            window = max(1, min(cfg.window, L))   # the absorbed model decodes after at least one token
             say(f"[cost] inference, context {L} tokens, {mode}" + (f" (window {window})" if mode == "absorbed" else "")
                 + f": decode {cfg.decode_tokens} tokens (fresh process) ...")
             r = run_isolated({"kind": "inference", "run": run_spec, "lora": asdict(base.lora), "mode": mode,
@@ -611,22 +651,41 @@ def md_header(res: dict, cfg: EvalConfig, base: AbsorbConfig) -> str:
             f"{res['model']['params_m']:.0f}M parameters, {env['device']}, {env['torch_threads']} torch thread(s) on "
             f"{env['cpu_count']} CPU(s) ({env['machine']}), torch {env['torch']}, python {env['python']}, commit "
             f"{(env['git_commit'] or 'unknown')[:10]}{' (dirty)' if env['git_dirty'] else ''}. "
-            f"LoRA rank {lora.rank}, alpha {lora.alpha:g}, targets {lora.targets}; {base.steps} optimizer steps per "
+            f"LoRA rank {lora.rank}, alpha {lora.alpha:g}, targets {lora.targets}; {steps_text(base)} optimizer steps per "
             f"absorbed window (n = {base.chunk}, m = {base.sync_len}), lr {lr_text(base)}, "
             f"{base.batch_tokens or 'all'} Y tokens per step, window W = {cfg.window} tokens.\n")
+
+
+def ci_text(x, ci, spec: str = ".3f") -> str:
+    """'x [lo, hi]' (a value with its 95% interval), or the value alone when there is none."""
+    lo, hi = ci if ci else (None, None)
+    if lo is None or (isinstance(lo, float) and math.isnan(lo)):
+        return fmt(x, spec)
+    return f"{fmt(x, spec)} [{fmt(lo, spec)}, {fmt(hi, spec)}]"
+
+
+def md_lm_table(summary: dict) -> str:
+    rows = [[s["label"], ci_text(s["nll"], s["nll_ci"]), ci_text(s["kl"], s["kl_ci"]),
+             ci_text(s["recovered"], s["recovered_ci"]), ci_text(s["recovered_nll"], s["recovered_nll_ci"]),
+             fmt(s["absorb_seconds_per_1k_tokens"], ".1f")] for s in summary.values()]
+    return markdown_table(["method", "NLL (nats/tok)", "KL(full ‖ method)", "recovered 1 - KL/KL_none",
+                           "recovered (NLL)", "absorb s / 1k tok"], rows)
 
 
 def md_lm(lm: dict, cfg: EvalConfig, plots: dict) -> list[str]:
     docs = ", ".join(f"{d['name']} ({d['segments']} segment(s))" for d in lm["documents"])
     out = [f"### Streaming language modelling\n\n{docs}; context C = {cfg.context} tokens, then "
            f"E = {cfg.eval_len} unseen tokens scored. Absorbing methods absorb the first C - W = "
-           f"{cfg.context - cfg.window} tokens and keep the last W in the window.\n"]
-    rows = [[s["label"], fmt(s["nll"], ".4f"), fmt(s["ppl"], ".2f"), fmt(s["kl"], ".4f"), fmt(s["recovered"], ".3f"),
-             fmt(s["absorb_seconds_per_1k_tokens"], ".1f")] for s in lm["summary"].values()]
-    out.append(markdown_table(["method", "NLL (nats/tok)", "ppl", "KL from full", "recovered", "absorb s / 1k tok"],
-                              rows))
-    if "lm" in plots:
-        out.append(f"\n![NLL vs position]({plots['lm']})\n")
+           f"{cfg.context - cfg.window} tokens and keep the last W = {cfg.window} in the window. Brackets: 95% "
+           f"bootstrap intervals over segments.\n"]
+    if len(lm["documents"]) > 1:
+        for name, summary in lm["by_document"].items():
+            out += [f"\n**{name}**\n", md_lm_table(summary)]
+        out.append("\n**All documents**\n")
+    out.append(md_lm_table(lm["summary"]))
+    for key, alt in (("lm", "NLL vs position"), ("lm_layers", "hidden-state distance per layer")):
+        if key in plots:
+            out.append(f"\n![{alt}]({plots[key]})\n")
     return out
 
 
@@ -696,7 +755,7 @@ def md_cost(c: dict, cfg: EvalConfig, base: AbsorbConfig, plots: dict) -> list[s
                    f"{base.probes or 'none'}, {_RECIPE_DEFAULTS.batch_tokens or 'all'} Y tokens per step), each "
                    f"method in a fresh process. Wall time includes building the probes, the teacher pass, the "
                    f"teacher-generated Y and a final loss pass, so with few steps it overstates the cost per "
-                   f"step (the LM and fact tables give the time at {base.steps} steps); memory is the "
+                   f"step (the LM and fact tables give the time at {steps_text(base)} steps); memory is the "
                    f"{c['absorb'][0]['memory_kind']}, extra = above the loaded model:\n")
         out.append(markdown_table(["method", "tokens", "steps", "wall s", "s / 1k tok", "s / step", "peak MiB",
                                    "extra MiB"], rows) + "\n")
@@ -751,7 +810,8 @@ def write_json(obj: dict, path) -> Path:
 STYLE = {"full": ("black", "-", "o"), "none": ("grey", ":", "x"), "window": ("tab:blue", "--", "s"),
          "oracle_window": ("tab:cyan", "--", "s"), "oracle_passage": ("tab:olive", "--", "*"),
          "last_window": ("tab:brown", ":", "x"),
-         "absorber": ("tab:red", "-", "D"), "ntp": ("tab:green", "-", "^"), "kl": ("tab:purple", "-", "v"),
+         "absorber": ("tab:red", "-", "D"), "l1_norm": ("tab:pink", "-", "d"), "ntp": ("tab:green", "-", "^"),
+         "kl": ("tab:purple", "-", "v"),
          "hybrid": ("tab:orange", "-", "P")}
 
 
@@ -791,9 +851,29 @@ def plot_lm(position: dict, summary: dict, title: str, path) -> Path:
     b.axhline(0.0, color="grey", linewidth=1)
     b.set_xticks(range(len(names)))
     b.set_xticklabels([METHODS[n].label for n in names], rotation=30, ha="right", fontsize=8)
-    b.set_ylabel("context effect recovered\n(NLL_none - NLL) / (NLL_none - NLL_full)")
+    b.set_ylabel("recovered: 1 - KL(full || method) / KL(full || none)")
     b.set_title("Recovered fraction (1 = full context)")
     return _finish(fig, a, title, path)
+
+
+def plot_layers(by_document: dict, title: str, path) -> Path:
+    """Relative L1 distance of each method's hidden states to the full-context model's on the
+    unseen tokens, against depth: one panel per document."""
+    plt = _plt()
+    fig, axes = plt.subplots(1, len(by_document), figsize=(4.5 * len(by_document), 4), squeeze=False)
+    for ax, (name, summary) in zip(axes[0], by_document.items()):
+        for m, s in summary.items():
+            if m == "full":
+                continue
+            c, ls, mk = STYLE.get(m, (None, "-", "o"))
+            ax.plot(range(len(s["layers"])), s["layers"], color=c, linestyle=ls, marker=mk, markersize=3,
+                    label=s["label"])
+        ax.set_title(name, fontsize=9)
+        ax.set_xlabel("layer (0 = embeddings)")
+        ax.set_ylabel("mean |h - h_full| / mean |h_full|")
+        ax.set_ylim(bottom=0)
+        ax.grid(alpha=0.3)
+    return _finish(fig, axes[0][0], title, path)
 
 
 def plot_long(summary: dict, title: str, path) -> Path:
@@ -910,6 +990,9 @@ def make_plots(res: dict, cfg: EvalConfig, n_methods: int, out_dir: Path) -> dic
         plots["lm"] = "lm_nll_position.png"
         plot_lm(res["lm"]["position"], res["lm"]["summary"],
                 f"Streaming LM: C={cfg.context}, W={cfg.window}, E={cfg.eval_len}", out_dir / plots["lm"])
+        plots["lm_layers"] = "lm_layers.png"
+        plot_layers(res["lm"]["by_document"], f"Hidden states on the unseen tokens vs the full-context model "
+                    f"(C={cfg.context}, W={cfg.window})", out_dir / plots["lm_layers"])
     if "facts" in res:
         s = res["facts"]["summary"]
         plots["facts"] = "facts_accuracy.png"

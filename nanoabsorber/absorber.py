@@ -12,7 +12,7 @@ header "<|im_start|>system…<|im_end|>\\n<|im_start|>user\\n" for chat probes (
 document at the start of a user message, exactly as "document in the prompt" would place it).
 
 Losses (AbsorbConfig.loss): "l1" (the paper: mean |h̃ - h| over every layer h^0..h^L and every
-Y position), "mse", "l1_norm" (per-layer L1 / teacher L1), "kl" (KL(teacher || student) on
+Y position but the student's attention sink: see AbsorbConfig.sink_positions), "mse", "l1_norm" (per-layer L1 / teacher L1), "kl" (KL(teacher || student) on
 next-token distributions: logits-only distillation), "hybrid" (l1_norm + kl_weight · kl, Deep
 Context Distillation style). Objective "ntp" is the TTT / Temp-LoRA baseline: next-token loss on
 P · X itself. All go through the same loop (same optimizer, steps, early stop).
@@ -34,13 +34,17 @@ from .losses import hidden_sync_loss, linear_kl_loss
 from .lora import LoRAConfig, lora_parameters, lora_state_dict
 from .sampling import sample_next
 
-# The recipe bench/absorb_recipes.py chose (README, "Recipes"): Y = the recite probe, 90 steps at
-# lr 3e-3, hidden-state L1, nothing generated. Raw-text Y (no chat probes) takes the lower
-# RAW_TEXT_LR (at 3e-3 the sync loss rose on a repetitive novel, README "Results") and, where the
-# following text runs out, RAW_GEN_TOKENS teacher-generated tokens.
+# Two recipes, chosen by what Y is made of (AbsorbConfig.resolved fills the automatic settings).
+# Chat probes (bench/absorb_recipes.py, README "Recipes"): Y = the recite probe, 90 steps at lr
+# 3e-3, hidden-state L1, nothing generated. Raw-text Y (no chat probes: --probes "" or a base
+# model; README "Continuation fidelity", tuned on bench/texts/tune_*): where the real following
+# text runs out, RAW_GEN_TOKENS teacher-sampled tokens in gen_samples continuations, 10 steps at
+# lr 3e-3, the hybrid loss (per-layer normalised L1 + KL).
 DEFAULT_PROBES = "recite"
-PROBE_LR, RAW_TEXT_LR = 3e-3, 1e-3
-RAW_GEN_TOKENS = 128
+PROBE_LR, RAW_TEXT_LR = 3e-3, 3e-3
+PROBE_STEPS, RAW_STEPS = 90, 10
+PROBE_LOSS, RAW_LOSS = "l1", "hybrid"
+RAW_GEN_TOKENS = 512
 LOSSES = ("l1", "mse", "l1_norm", "kl", "hybrid")
 OBJECTIVES = ("sync", "ntp")
 
@@ -58,11 +62,13 @@ class AbsorbConfig:
     """The absorption recipe (absorb.py's and eval.py's flags are built from these fields)."""
     objective: str = setting("sync", "sync (Absorber) or ntp (next-token prediction on the text: the TTT / "
                              "Temp-LoRA baseline)", choices=OBJECTIVES)
-    loss: str = setting("l1", "sync loss: hidden-state l1 (paper), mse, l1_norm, kl (logits only), hybrid "
-                        "(l1_norm + kl)", choices=LOSSES)
+    loss: Optional[str] = setting(None, f"sync loss: hidden-state l1 (paper), mse, l1_norm, kl (logits only), hybrid "
+                                  f"(l1_norm + kl) (automatic: {PROBE_LOSS} when Y holds chat probes, {RAW_LOSS} for "
+                                  f"raw-text Y)", choices=LOSSES)
     kl_weight: float = setting(1.0, "weight of the KL term in the hybrid loss", check=non_negative)
     temperature: float = setting(1.0, "softmax temperature of the KL term", check=positive)
-    steps: int = setting(90, "max optimizer steps per window (K)", check=non_negative)
+    steps: Optional[int] = setting(None, f"max optimizer steps per window (K) (automatic: {PROBE_STEPS} when Y holds "
+                                   f"chat probes, {RAW_STEPS} for raw-text Y)", check=non_negative)
     eps: float = setting(0.0, "early stop when the loss falls below this (paper: 2 on Llama-2-7B)",
                          check=non_negative)
     lr: Optional[float] = setting(None, f"AdamW learning rate (automatic: {PROBE_LR:g} when Y holds chat probes, "
@@ -78,12 +84,21 @@ class AbsorbConfig:
                                         f"otherwise)", check=non_negative)
     gen_temperature: float = setting(0.8, "sampling temperature of generated Y", check=positive)
     gen_top_p: float = setting(0.95, "nucleus threshold of generated Y", check=in_range(0.01, 1.0))
-    gen_samples: int = setting(4, "generated continuations per window (gen-tokens split among them)",
+    gen_samples: int = setting(8, "generated continuations per window (gen-tokens split among them)",
                                check=positive)
+    gen_points: int = setting(1, "points of each window that generated Y continues from: 1 = its end only (after "
+                              "the real following text); k > 1 adds k - 1 evenly spaced points inside the window "
+                              "(teacher context: the window up to the point); gen-samples are dealt out over them",
+                              check=positive)
     batch_tokens: int = setting(0, "Y tokens per optimizer step, a random subset of the Y sequences (0 = all)",
                                 check=non_negative)
     probes: str = setting(DEFAULT_PROBES, "chat probe kinds added to Y for chat models: comma list of recite, "
                           "entity, cloze, continue ('' for none); see nanoabsorber/probes.py", check=_probe_check)
+    sink_positions: int = setting(1, "leading positions of every student sequence left out of the hidden-state "
+                                  "loss: a sequence's first token is the model's attention sink, whose states are "
+                                  "far larger than the teacher's at that place and would dominate the distance (a "
+                                  "no-op where a prefix such as BOS or the chat header comes first)",
+                                  check=non_negative)
     lora: LoRAConfig = setting(default_factory=LoRAConfig, help="LoRA")
     seed: int = setting(0, "random seed (LoRA init, Y subsets, generated Y)")
     checkpoint_activations: bool = setting(False, "recompute each block in the backward pass instead of keeping "
@@ -93,11 +108,12 @@ class AbsorbConfig:
         validate(self)
 
     def resolved(self, chat_probes: bool) -> "AbsorbConfig":
-        """This config with the automatic (None) lr and gen_tokens filled in for a Y that does
-        (chat_probes=True) or does not hold chat probes."""
-        return replace(self, lr=self.lr if self.lr is not None else (PROBE_LR if chat_probes else RAW_TEXT_LR),
-                       gen_tokens=self.gen_tokens if self.gen_tokens is not None else
-                       (0 if chat_probes else RAW_GEN_TOKENS))
+        """This config with the automatic (None) lr, steps, loss and gen_tokens filled in for a Y
+        that does (chat_probes=True) or does not hold chat probes."""
+        def auto(v, probe, raw):
+            return v if v is not None else (probe if chat_probes else raw)
+        return replace(self, lr=auto(self.lr, PROBE_LR, RAW_TEXT_LR), steps=auto(self.steps, PROBE_STEPS, RAW_STEPS),
+                       loss=auto(self.loss, PROBE_LOSS, RAW_LOSS), gen_tokens=auto(self.gen_tokens, 0, RAW_GEN_TOKENS))
 
 
 @dataclass
@@ -182,12 +198,15 @@ def teacher_targets(model, groups: list, need_hidden: bool, need_final: bool) ->
 
 def sync_loss(model, t: Targets, cfg: AbsorbConfig) -> torch.Tensor:
     """Student pass on P·Y_j and the configured distance to the teacher at the Y positions."""
+    cfg = cfg if cfg.loss else cfg.resolved(chat_probes=False)
     _, hs = model(t.ids, hidden=True, logits=False)
     loss = 0.0
     if cfg.loss in ("l1", "mse", "l1_norm", "hybrid"):
         kind = "l1_norm" if cfg.loss == "hybrid" else cfg.loss
-        student = torch.stack([h[t.mask] for h in hs])                      # (L+1, N, D)
-        loss = hidden_sync_loss(student, t.hidden, kind)
+        keep = t.mask.nonzero()[:, 1] >= cfg.sink_positions                # (N,) not an attention sink
+        keep = keep if bool(keep.any()) else torch.ones_like(keep)
+        student = torch.stack([h[t.mask][keep] for h in hs])                # (L+1, N', D)
+        loss = hidden_sync_loss(student, t.hidden[:, keep], kind)
     if cfg.loss in ("kl", "hybrid"):
         s_final = model.norm(hs[-1][t.mask])                                # (N, D)
         kl = linear_kl_loss(s_final, model.output.weight, teacher_h=t.final, temperature=cfg.temperature)
@@ -212,9 +231,13 @@ def _accumulate(model, t: Targets, rows: list, cfg: AbsorbConfig, backward: bool
     the whole step's tokens; the returned loss is summed over the ranks."""
     from . import distributed
 
+    cfg = cfg if cfg.loss else cfg.resolved(chat_probes=False)
     lengths = t.mask.sum(1).tolist()
     ends = [int(t.mask[i].nonzero().max()) + 1 for i in range(len(lengths))]
-    n_total = sum(lengths[i] for i in rows)            # the whole step's Y tokens, on every rank
+    # the tokens each row's loss averages over: the hidden-state losses leave out the sink positions
+    counted = lengths if cfg.loss == "kl" else t.mask[:, cfg.sink_positions:].sum(1).tolist()
+    counted = counted if sum(counted[i] for i in rows) else lengths
+    n_total = sum(counted[i] for i in rows)            # the whole step's loss tokens, on every rank
     order = sorted(distributed.shard(rows, lengths), key=lambda i: ends[i])   # this rank's share
     micro, cur = [], []
     for i in order:
@@ -226,7 +249,7 @@ def _accumulate(model, t: Targets, rows: list, cfg: AbsorbConfig, backward: bool
         micro.append(cur)
     total = 0.0
     for mb in micro:
-        loss = sync_loss(model, t.rows(mb), cfg) * (sum(lengths[i] for i in mb) / n_total)
+        loss = sync_loss(model, t.rows(mb), cfg) * (sum(counted[i] for i in mb) / n_total)
         if backward:
             loss.backward()
         total += float(loss.detach())
@@ -358,39 +381,56 @@ def chunk_windows(n_tokens: int, n: int, m: int) -> list[tuple[int, int, int]]:
     return out
 
 
+def window_groups(model, prefix: list[int], x: list[int], real: list[int], cfg: AbsorbConfig, stop_ids=(),
+                  seed: int = 0) -> list:
+    """The raw-text (P, X, [Y_j]) groups of one window X whose real following text is `real`:
+    Y = real when it is cfg.sync_len long; otherwise (the last window, or a window whose
+    following text stays in the attention window) cfg.gen_samples teacher samples of
+    cfg.gen_tokens // cfg.gen_samples tokens each are added, dealt out over cfg.gen_points points:
+    the end (a sample continues P·X·real and is synced as real + sample) and gen_points - 1
+    evenly spaced points inside X (the teacher sees P·X[:p], the student the sample alone)."""
+    ys = [real] if real else []
+    groups = []
+    if len(real) < cfg.sync_len and cfg.gen_tokens > 0 and cfg.gen_samples > 0 and cfg.objective == "sync":
+        per = max(1, cfg.gen_tokens // cfg.gen_samples)
+        n_points = max(1, min(cfg.gen_points, cfg.gen_samples, len(x)))
+        points = [len(x)] + [round(k * len(x) / n_points) for k in range(1, n_points)]
+        counts = [cfg.gen_samples // n_points + (i < cfg.gen_samples % n_points) for i in range(n_points)]
+        for i, (pt, n) in enumerate(zip(points, counts)):
+            ctx = list(prefix) + x[:pt] + (real if i == 0 else [])
+            gens = [g for g in sample_continuations(model, ctx, n, per, cfg.gen_temperature, cfg.gen_top_p,
+                                                    stop_ids, seed=seed if i == 0 else seed * 1000 + i) if g]
+            if i == 0:   # a generated Y continues after the real text: synced as real + generated
+                ys = [real + g for g in gens] or ys
+            elif gens:
+                groups.append((list(prefix), x[:pt], gens))
+    return ([(list(prefix), x, ys)] if ys else []) + groups
+
+
 def absorb_stream(model, stream: list[int], cfg: AbsorbConfig, prefix: list[int] = (), stop_ids=(),
                   log: Optional[Callable[[dict], None]] = None, extra_ys: Optional[Callable] = None,
-                  start: int = 0, on_window: Optional[Callable[[int, ChunkResult], None]] = None) -> list:
+                  start: int = 0, on_window: Optional[Callable[[int, ChunkResult], None]] = None,
+                  end: Optional[int] = None) -> list:
     """Algorithm 2 over a token stream (list or 1-D array; only windows of n + m are touched).
-    Y per window = the m real following tokens, plus cfg.gen_tokens teacher-generated tokens
-    (in gen_samples samples) when the real following text is shorter than m (always for the
-    last window). extra_ys(chunk_index, x_ids) -> list of (P, X, [Y_j]) groups lets callers add
-    more Y sets (e.g. chat probes with their own prefix); with it, an automatic lr / gen_tokens
-    is resolved as for chat probes (AbsorbConfig.resolved). Returns a ChunkResult per window.
-    Resuming: windows before `start` are skipped (the model must already hold their LoRA);
+    Y per window: window_groups (the m real following tokens, plus teacher-generated ones where
+    the real following text is shorter than m: always for the last window). extra_ys(chunk_index,
+    x_ids) -> list of (P, X, [Y_j]) groups lets callers add more Y sets (e.g. chat probes with
+    their own prefix); with it, an automatic lr / gen_tokens is resolved as for chat probes
+    (AbsorbConfig.resolved). end: absorb stream[:end] only; the tokens after it (text that stays
+    in the attention window) serve as Y of the last window, never as X. Returns a ChunkResult per
+    window. Resuming: windows before `start` are skipped (the model must already hold their LoRA);
     on_window(index, result) runs after each finished window (absorb.py saves its state there)."""
     cfg = cfg.resolved(chat_probes=extra_ys is not None)
     results = []
-    wins = chunk_windows(len(stream), cfg.chunk, cfg.sync_len)
+    n_abs = len(stream) if end is None else end
+    wins = chunk_windows(n_abs, cfg.chunk, cfg.sync_len)
     absorbed = sum(e - s for s, e, _ in wins[:start])
-    for ci, (s, e, ye) in enumerate(wins):
+    for ci, (s, e, _) in enumerate(wins):
         if ci < start:
             continue
         x = [int(t) for t in stream[s:e]]
-        ys = []
-        real = [int(t) for t in stream[e:ye]]
-        if real:
-            ys.append(real)
-        if len(real) < cfg.sync_len and cfg.gen_tokens > 0 and cfg.objective == "sync":
-            per = max(1, cfg.gen_tokens // max(cfg.gen_samples, 1))
-            ctx = list(prefix) + x + real
-            gens = sample_continuations(model, ctx, cfg.gen_samples, per, cfg.gen_temperature, cfg.gen_top_p,
-                                        stop_ids, seed=cfg.seed + ci)
-            # a generated Y continues after the real text: it is synced as real + generated
-            ys += [real + g for g in gens if g]
-            if real and gens:
-                ys.remove(real)
-        groups = [(list(prefix), x, ys)] if ys else []
+        real = [int(t) for t in stream[e:min(e + cfg.sync_len, len(stream))]]
+        groups = window_groups(model, list(prefix), x, real, cfg, stop_ids, seed=cfg.seed + ci)
         if extra_ys is not None:
             groups += list(extra_ys(ci, x))
         if not groups:

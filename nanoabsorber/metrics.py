@@ -12,12 +12,17 @@ Language modelling, for a held-out continuation Z of a context X:
     NLL_meth  = per-token NLL of Z under a method (absorbed adapter, truncated window, ...)
     recovered = (NLL_none - NLL_meth) / (NLL_none - NLL_full)   (1 = all of X's effect kept)
     KL        = mean over Z's positions of KL(p_full || p_method) on next-token distributions
+    recovered_kl = 1 - KL_meth / KL_none   (the paper's test: 1 = predicts Z exactly as the
+                model with X does, 0 = no closer than with nothing before Z); over several
+                segments, a ratio of segment means, with a bootstrap CI over segments
+    layer distances: per layer l, mean |h_meth^l - h_full^l| / mean |h_full^l| on Z's positions
 
     logps = {"full": lm_logprobs(model, prefix, ctx, z), "none": lm_logprobs(model, prefix, [], z),
              "absorbed": lm_logprobs(absorbed_model, prefix, [], z)}
     continuation_scores(logps, z)   # {"full": {"nll", "kl", "recovered"}, "none": {...}, ...}
 """
 import math
+import random
 import re
 import string
 from collections import Counter
@@ -159,6 +164,42 @@ def recovered(nll_none: float, nll_full: float, nll_method: float) -> float:
     0 = none of it, negative = worse than no context; NaN when the context made no difference."""
     gap = nll_none - nll_full
     return (nll_none - nll_method) / gap if abs(gap) > 1e-9 else math.nan
+
+
+def recovered_kl(kl_none: float, kl_method: float) -> float:
+    """1 - KL_method / KL_none: the share of the gap to the full-context model closed; NaN when
+    the context made no difference (KL_none = 0)."""
+    return 1 - kl_method / kl_none if kl_none > 1e-12 else math.nan
+
+
+def bootstrap_ci(rows: list, stat, n_boot: int = 2000, level: float = 0.95, seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap interval of stat(rows) resampling the rows (segments) with
+    replacement; (nan, nan) for fewer than 2 rows. Draws whose statistic is NaN are dropped."""
+    if len(rows) < 2:
+        return math.nan, math.nan
+    g = random.Random(seed)
+    vals = sorted(v for v in (stat([rows[g.randrange(len(rows))] for _ in rows]) for _ in range(n_boot))
+                  if not math.isnan(v))
+    if not vals:
+        return math.nan, math.nan
+    lo = vals[int(math.floor((1 - level) / 2 * (len(vals) - 1)))]
+    hi = vals[int(math.ceil((1 + level) / 2 * (len(vals) - 1)))]
+    return lo, hi
+
+
+@torch.no_grad()
+def target_hidden(model, prefix: list[int], context: list[int], target: list[int]) -> torch.Tensor:
+    """(L+1, len(target), D) fp32 hidden states h^0..h^L at the target positions with `context`
+    in the window (the states the paper's test compares)."""
+    dev = model.embed.weight.device
+    _, hs = model(torch.tensor([list(prefix) + list(context) + list(target)], device=dev), hidden=True, logits=False)
+    return torch.stack([h[0, -len(target):] for h in hs]).float().cpu()
+
+
+def layer_distances(h_ref: torch.Tensor, h: torch.Tensor) -> list[float]:
+    """Per layer: mean |h - h_ref| / mean |h_ref| over positions and features (relative L1) of two
+    (L+1, N, D) stacks."""
+    return ((h - h_ref).abs().mean((1, 2)) / h_ref.abs().mean((1, 2)).clamp_min(1e-12)).tolist()
 
 
 def continuation_scores(logps: dict, target: list[int], full: str = "full", none: str = "none") -> dict:

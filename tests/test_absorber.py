@@ -54,11 +54,41 @@ def test_teacher_targets_match_a_plain_forward_of_x_y():
     assert t.mask.sum() == sum(len(y) for y in ys)
 
 
+@pytest.mark.parametrize("sink", [0, 1, 3])
+def test_hidden_loss_leaves_out_the_attention_sink_positions(sink):
+    """With no prefix the student's first Y token is the attention sink: sink_positions leading
+    positions of each student sequence are left out of the hidden-state distance, exactly."""
+    from nanoabsorber.losses import hidden_sync_loss
+    m = lora_model()
+    ys = [ids(9, 8), ids(6, 9)]
+    t = teacher_targets(m, [([], ids(20, 7), ys)], need_hidden=True, need_final=False)
+    with torch.no_grad():
+        got = ab.sync_loss(m, t, AbsorbConfig(loss="l1", sink_positions=sink))
+        _, hs = m(t.ids, hidden=True, logits=False)
+        keep = torch.cat([torch.arange(len(y)) >= sink for y in ys])
+        want = hidden_sync_loss(torch.stack([h[t.mask] for h in hs])[:, keep], t.hidden[:, keep], "l1")
+    torch.testing.assert_close(got, want)
+    if sink:
+        with torch.no_grad():
+            assert not torch.isclose(got, ab.sync_loss(m, t, AbsorbConfig(loss="l1", sink_positions=0)))
+
+
+def test_sink_positions_is_a_no_op_behind_a_prefix():
+    """Behind BOS or the chat header (the chat-probe recipe) position 0 is the prefix, never a Y
+    position, so the default sink_positions = 1 leaves the loss unchanged."""
+    m = lora_model()
+    t = teacher_targets(m, [([3], ids(20, 7), [ids(9, 8), ids(6, 9)])], need_hidden=True, need_final=True)
+    with torch.no_grad():
+        for loss in ("l1", "hybrid"):
+            a = ab.sync_loss(m, t, AbsorbConfig(loss=loss, sink_positions=0))
+            assert torch.equal(a, ab.sync_loss(m, t, AbsorbConfig(loss=loss, sink_positions=1)))
+
+
 def test_batch_tokens_subsets_and_micro_batches_give_the_full_loss():
     m = lora_model()
     groups = [([], ids(30, 1), [ids(n, 10 + n) for n in (5, 17, 9, 30, 2)])]
     t = teacher_targets(m, groups, True, False)
-    cfg = AbsorbConfig()
+    cfg = AbsorbConfig(loss="l1")
     with torch.no_grad():
         full = float(ab.sync_loss(m, t, cfg))
         # perturb the LoRA so the loss is non-zero everywhere, then compare full vs micro-batched
@@ -198,10 +228,13 @@ def test_automatic_lr_and_gen_tokens_depend_on_what_y_is_made_of():
         chat_format = False
 
     cfg = AbsorbConfig()
-    assert cfg.lr is None and cfg.gen_tokens is None                     # automatic
-    assert (cfg.resolved(True).lr, cfg.resolved(True).gen_tokens) == (ab.PROBE_LR, 0)
-    assert (cfg.resolved(False).lr, cfg.resolved(False).gen_tokens) == (ab.RAW_TEXT_LR, ab.RAW_GEN_TOKENS)
-    assert AbsorbConfig(lr=5e-4, gen_tokens=7).resolved(True) == AbsorbConfig(lr=5e-4, gen_tokens=7)  # explicit wins
+    auto = ("lr", "steps", "loss", "gen_tokens")
+    assert all(getattr(cfg, k) is None for k in auto)                     # automatic
+    probe, raw = cfg.resolved(True), cfg.resolved(False)
+    assert [getattr(probe, k) for k in auto] == [ab.PROBE_LR, ab.PROBE_STEPS, ab.PROBE_LOSS, 0]
+    assert [getattr(raw, k) for k in auto] == [ab.RAW_TEXT_LR, ab.RAW_STEPS, ab.RAW_LOSS, ab.RAW_GEN_TOKENS]
+    explicit = AbsorbConfig(lr=5e-4, steps=3, loss="mse", gen_tokens=7)
+    assert explicit.resolved(True) == explicit.resolved(False) == explicit    # explicit wins
     assert ab.uses_chat_probes(Chat(), AbsorbConfig(probes="recite"))
     assert not ab.uses_chat_probes(Chat(), AbsorbConfig(probes=""))      # no probes: raw-text Y only
     assert not ab.uses_chat_probes(Raw(), AbsorbConfig(probes="recite"))  # not a chat model

@@ -79,13 +79,13 @@ def _invalid_values(tmp_path) -> dict:
     v = {"--ckpt": [missing], "--device": ["tpu"], "--dtype": ["int3"], "--attn": ["magic"], "--threads": ["0"],
          "--quick": None, "--only": ["lm,speed"], "--methods": ["full,magic"], "--out": [str(a_file)],
          "--tasks": [str(bad_jsonl)], "--tasks-limit": ["-1"], "--context": ["0"], "--eval-len": ["-5"],
-         "--window": ["x"], "--lm-segments": ["0"], "--buckets": ["0"], "--fact-lengths": ["12,x"],
+         "--window": ["-1"], "--lm-segments": ["0"], "--buckets": ["0"], "--fact-lengths": ["12,x"],
          "--facts-per-doc": ["0"], "--fact-docs": ["0"], "--answer-tokens": ["0"], "--cost-lengths": ["0"],
          "--cost-tokens": ["0"], "--cost-steps": ["-1"], "--decode-tokens": ["0"], "--steps": ["-1"],
          "--batch-tokens": ["-1"], "--docs": [missing], "--kl-weight": ["-1"], "--temperature": ["0"],
          "--eps": ["-1"], "--lr": ["0"], "--schedule": ["linear"], "--weight-decay": ["-1"], "--grad-clip": ["-1"],
          "--chunk": ["0"], "--sync-len": ["-1"], "--gen-tokens": ["-1"], "--gen-temperature": ["0"],
-         "--gen-top-p": ["2"], "--gen-samples": ["0"], "--probes": ["nonsense"], "--rank": ["0"], "--alpha": ["0"],
+         "--gen-top-p": ["2"], "--gen-samples": ["0"], "--gen-points": ["0"], "--sink-positions": ["-1"], "--probes": ["nonsense"], "--rank": ["0"], "--alpha": ["0"],
          "--targets": ["q,zz"], "--dropout": ["1.5"], "--seed": ["x"], "--long-lengths": ["0"],
          "--long-styles": ["poems"], "--long-docs": ["0"], "--long-questions": ["x"],
          "--checkpoint-activations": None}
@@ -127,21 +127,36 @@ def test_bad_combinations_name_the_flag(argv, msg, capsys):
 # Language modelling: summary and streaming absorption
 # ------------------------------------------------------------------------------------------
 
+def _seg(nll, kl, layers=(0.0, 0.0), absorb=None):
+    return {"nll": nll, "kl": kl, "layers": list(layers), "absorb": absorb}
+
+
 def test_lm_summary_by_hand():
-    per_token = {"full": [torch.tensor([1.0, 1.0, 1.0, 1.0])], "none": [torch.tensor([3.0, 3.0, 3.0, 3.0])],
-                 "absorber": [torch.tensor([1.0, 2.0, 3.0, 2.0])]}
-    segments = [{"methods": {"absorber": {"kl": 0.5, "absorb": {"seconds": 2.0, "tokens": 500}}}}]
-    s = ev.lm_summary(segments, per_token, [ev.METHODS["absorber"]])["absorber"]
-    assert s["nll"] == 2.0 and s["ppl"] == pytest.approx(math.exp(2.0)) and s["kl"] == 0.5
-    assert s["recovered"] == pytest.approx(0.5) and s["absorb_seconds_per_1k_tokens"] == pytest.approx(4.0)
+    segments = [{"methods": {"full": _seg(1.0, 0.0), "none": _seg(3.0, 1.0, (0.0, 1.0)),
+                             "absorber": _seg(2.0, 0.5, (0.0, 0.5), {"seconds": 2.0, "tokens": 500})}},
+                {"methods": {"full": _seg(1.0, 0.0), "none": _seg(3.0, 3.0, (0.0, 1.0)),
+                             "absorber": _seg(2.0, 0.5, (0.0, 0.3), {"seconds": 2.0, "tokens": 500})}}]
+    s = ev.lm_summary(segments, [ev.METHODS["none"], ev.METHODS["absorber"]])
+    a = s["absorber"]
+    assert a["nll"] == 2.0 and a["ppl"] == pytest.approx(math.exp(2.0)) and a["kl"] == 0.5
+    assert a["recovered"] == pytest.approx(1 - 0.5 / 2.0)            # a ratio of means over segments
+    assert a["recovered_nll"] == pytest.approx(0.5) and a["absorb_seconds_per_1k_tokens"] == pytest.approx(4.0)
+    assert a["layers"] == pytest.approx([0.0, 0.4]) and a["segments"] == 2
+    lo, hi = a["recovered_ci"]                 # resampling 2 segments: KL_none is 1, 2 or 3
+    assert lo == pytest.approx(0.5) and hi == pytest.approx(1 - 0.5 / 3.0)
+    assert s["none"]["recovered"] == 0.0 and s["none"]["kl_ci"] == (1.0, 3.0)
 
 
 def test_absorb_dropped_never_trains_on_the_evaluated_text(monkeypatch):
+    import nanoabsorber.absorber as ab
     seen = []
-    monkeypatch.setattr(ev, "absorb_chunk", lambda model, groups, cfg, log=None: seen.append(groups) or "r")
+    monkeypatch.setattr(ab, "absorb_chunk", lambda model, groups, cfg, log=None: seen.append(groups) or ab.ChunkResult(
+        1, 0.0, 0.0))
+    monkeypatch.setattr(ab, "sample_continuations", lambda model, ctx, n, per, *a, **k: [[7] * per] * n)
     ids = list(range(100, 120))                       # 20 tokens; the window keeps the last 5
-    res = ev.absorb_dropped(None, ids, 5, AbsorbConfig(chunk=6, sync_len=4), prefix=[1])
-    assert res == ["r", "r", "r"]
+    cfg = AbsorbConfig(chunk=6, sync_len=4, gen_tokens=0)
+    res = ev.absorb_dropped(None, ids, 5, cfg, prefix=[1])
+    assert len(res) == 3
     xs = [g[0][1] for g in seen]
     ys = [g[0][2] for g in seen]
     assert xs == [ids[0:6], ids[6:12], ids[12:15]]    # the dropped text, tiled
@@ -149,6 +164,14 @@ def test_absorb_dropped_never_trains_on_the_evaluated_text(monkeypatch):
     assert all(g[0][0] == [1] for g in seen)
     assert max(t for y in ys for t in y[0]) < 120     # nothing after the given ids
     assert ev.absorb_dropped(None, ids, 20, AbsorbConfig()) == []
+    # W = 0: all of ids absorbed; the last window's Y is teacher-generated only (the real text after
+    # it is the evaluated one), with gen_points = 2 half the samples start inside the window
+    seen.clear()
+    ev.absorb_dropped(None, ids, 0, replace(cfg, chunk=10, sync_len=4, gen_tokens=8, gen_samples=4, gen_points=2))
+    last = seen[-1]
+    assert [g[1] for g in last] == [ids[10:20], ids[10:15]]
+    assert last[0][2] == [[7, 7]] * 2 and last[1][2] == [[7, 7]] * 2
+    assert all(t < 120 or t == 7 for g in last for y in g[2] for t in y)
 
 
 # ------------------------------------------------------------------------------------------
@@ -194,7 +217,9 @@ def test_eval_end_to_end_on_a_tiny_checkpoint(tiny_ckpt, tmp_path, capsys):
     lm = res["lm"]["summary"]
     assert lm["full"]["kl"] == pytest.approx(0.0, abs=1e-6) and lm["full"]["recovered"] == pytest.approx(1.0)
     assert lm["none"]["recovered"] == pytest.approx(0.0, abs=1e-9)
-    assert all(lm[n]["absorb_seconds_per_1k_tokens"] > 0 for n in ("absorber", "ntp", "kl", "hybrid"))
+    assert lm["full"]["recovered_nll"] == pytest.approx(1.0) and lm["full"]["layers"] == pytest.approx([0.0] * 3)
+    assert lm["none"]["layers"][0] == pytest.approx(0.0) and lm["none"]["layers"][-1] > 0   # depth 2 tiny model
+    assert all(lm[n]["absorb_seconds_per_1k_tokens"] > 0 for n in ("absorber", "l1_norm", "ntp", "kl", "hybrid"))
     assert set(res["lm"]["position"]["nll"]) == set(names) and len(res["lm"]["position"]["bucket_centers"]) == 4
     facts = res["facts"]
     assert len(facts["rows"]) == 2 * 3 * len(names)                      # 2 docs x 3 facts x methods
@@ -205,7 +230,7 @@ def test_eval_end_to_end_on_a_tiny_checkpoint(tiny_ckpt, tmp_path, capsys):
     assert env["torch"] == torch.__version__ and env["python"] and "git_commit" in env
     assert res["config"]["steps"] == 2 and res["absorb_config"]["ntp"]["objective"] == "ntp"
     assert res["absorb_config"]["absorber"]["loss"] == "l1" and res["absorb_config"]["hybrid"]["loss"] == "hybrid"
-    for png in ("lm_nll_position.png", "facts_accuracy.png"):
+    for png in ("lm_nll_position.png", "lm_layers.png", "facts_accuracy.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     md = (out / "results.md").read_text()
     assert md in stdout and "Absorber (L1 sync)" in md and "exact match" in md and "| len 96 |" in md
