@@ -269,6 +269,28 @@ def test_eval_only_lm_on_a_document(tiny_ckpt, tmp_path, capsys):
     assert res["lm"]["documents"] == [{"name": "book.txt", "segments": 2}]   # full preset: 2 per document
 
 
+def test_eval_lm_with_no_window_per_document(tiny_ckpt, tmp_path, capsys):
+    """W = 0: nothing of the context in the prompt; the absorbing method's Y is teacher-sampled
+    only; per-document summaries with intervals over segments."""
+    docs = []
+    for k in range(2):
+        docs.append(tmp_path / f"kind{k}.txt")
+        docs[-1].write_text(make_story(20 + k, 900))
+    code, _, err = _main(["--ckpt", str(tiny_ckpt), "--only", "lm", "--methods", "none,hybrid", "--out",
+                          str(tmp_path / "o"), "--docs", *map(str, docs), *SMALL, "--window", "0",
+                          "--lm-segments", "3", "--gen-tokens", "16", "--gen-samples", "2", "--chunk", "96"], capsys)
+    assert code == 0, err[-2000:]
+    lm = json.loads((tmp_path / "o" / "results.json").read_text())["lm"]
+    assert list(lm["by_document"]) == ["kind0.txt", "kind1.txt"]
+    for summary in [lm["summary"], *lm["by_document"].values()]:
+        h = summary["hybrid"]
+        assert h["segments"] in (3, 6) and h["recovered_ci"][0] <= h["recovered"] <= h["recovered_ci"][1]
+        assert summary["none"]["recovered"] == 0.0
+    absorbed = [s["methods"]["hybrid"]["absorb"] for s in lm["segments"]]
+    assert all(a["tokens"] == 96 and a["windows"] == 1 and 0 < a["y_tokens"] <= 2 * 8 for a in absorbed)  # sampled Y only
+    assert "**kind0.txt**" in (tmp_path / "o" / "results.md").read_text()
+
+
 def test_eval_bad_input_is_one_line_and_exit_2(tiny_ckpt, tmp_path, capsys):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"context": "c", "question": "q", "answer": "a"}\n{oops\n')

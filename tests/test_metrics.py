@@ -146,3 +146,52 @@ def test_nll_by_position_by_hand():
     pos = metrics.nll_by_position({"absorber": curves}, 2)
     assert pos["nll"]["absorber"] == [2.5, 1.5]          # segment means [2, 3, 2, 1], then pairs
     assert pos["bucket_starts"] == [1, 3] and pos["bucket_centers"] == [1.5, 3.5]
+
+
+# ------------------------------------------------------------------------------------------
+# The paper's test: recovered from KL, bootstrap intervals, per-layer distances
+# ------------------------------------------------------------------------------------------
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+def test_recovered_kl_by_hand():
+    assert metrics.recovered_kl(0.4, 0.4) == 0.0 and metrics.recovered_kl(0.4, 0.0) == 1.0
+    assert metrics.recovered_kl(0.4, 0.1) == pytest.approx(0.75) and metrics.recovered_kl(0.4, 0.8) == -1.0
+    assert math.isnan(metrics.recovered_kl(0.0, 0.1))
+
+
+@settings(max_examples=50, deadline=None)
+@given(xs=st.lists(st.floats(-100, 100, allow_nan=False), min_size=2, max_size=12), seed=st.integers(0, 99))
+def test_bootstrap_interval_of_a_mean_lies_within_the_data(xs, seed):
+    lo, hi = metrics.bootstrap_ci(xs, lambda r: sum(r) / len(r), n_boot=300, seed=seed)
+    assert min(xs) - 1e-9 <= lo <= hi <= max(xs) + 1e-9
+    assert metrics.bootstrap_ci(xs, lambda r: sum(r) / len(r), n_boot=300, seed=seed) == (lo, hi)   # seeded
+
+
+def test_bootstrap_interval_of_constant_data_and_of_one_row():
+    assert metrics.bootstrap_ci([2.5] * 5, lambda r: sum(r) / len(r)) == (2.5, 2.5)
+    assert all(math.isnan(v) for v in metrics.bootstrap_ci([1.0], lambda r: r[0]))
+
+
+@settings(max_examples=30, deadline=None)
+@given(scale=st.floats(0.01, 100), seed=st.integers(0, 99))
+def test_layer_distances_are_zero_for_equal_states_and_scale_free(scale, seed):
+    g = torch.Generator().manual_seed(seed)
+    a, b = torch.randn(4, 5, 8, generator=g), torch.randn(4, 5, 8, generator=g)
+    assert metrics.layer_distances(a, a) == [0.0] * 4
+    d = metrics.layer_distances(a, b)
+    assert d == pytest.approx(metrics.layer_distances(a * scale, b * scale), rel=1e-4)
+    want = [float((b[l] - a[l]).abs().mean() / a[l].abs().mean()) for l in range(4)]
+    assert d == pytest.approx(want, rel=1e-5)
+
+
+def test_target_hidden_matches_a_plain_forward():
+    m = tiny()
+    prefix, ctx, tgt = [1], [5, 6, 7], [8, 9]
+    h = metrics.target_hidden(m, prefix, ctx, tgt)
+    with torch.no_grad():
+        _, hs = m(torch.tensor([prefix + ctx + tgt]), hidden=True, logits=False)
+    assert h.shape == (len(hs), 2, m.cfg.dim)
+    torch.testing.assert_close(h, torch.stack([x[0, -2:] for x in hs]).float())
