@@ -13,6 +13,14 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def config(**over):
+    """The work's AbsorbConfig: hidden-state L1 (explicitly: the raw-text default loss is the hybrid,
+    whose KL term over the vocabulary would change both the memory and the time), lr 1e-3."""
+    from nanoabsorber.absorber import AbsorbConfig
+
+    return AbsorbConfig(**{"loss": "l1", "lr": 1e-3, **over})
+
+
 def groups(tok, x_tokens: int = 512, n_y: int = 4, y_len: int = 128) -> list:
     ids = tok.encode((ROOT / "nanoabsorber/assets/demo_document.txt").read_text() * 30)
     prefix = [tok.bos_id] if tok.add_bos and tok.bos_id is not None else []

@@ -25,14 +25,14 @@ def worker(args) -> None:
     import torch
 
     from nanoabsorber import distributed, load
-    from nanoabsorber.absorber import AbsorbConfig, absorb_chunk
+    from nanoabsorber.absorber import absorb_chunk
     from nanoabsorber.lora import apply_lora
 
     torch.set_num_threads(args.threads)
     procs = distributed.start_processes("cpu")
     torch.manual_seed(0)
     model, tok = load()
-    cfg = AbsorbConfig(steps=args.steps, lr=1e-3)
+    cfg = W.config(steps=args.steps)
     apply_lora(model, cfg.lora)
     rows = []
     t0 = W.now()

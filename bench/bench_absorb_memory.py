@@ -30,7 +30,7 @@ def worker(args) -> None:
     import torch
 
     from nanoabsorber import load
-    from nanoabsorber.absorber import AbsorbConfig, absorb_chunk
+    from nanoabsorber.absorber import absorb_chunk
     from nanoabsorber.cost import PeakMemory
     from nanoabsorber.lora import apply_lora
 
@@ -39,7 +39,7 @@ def worker(args) -> None:
     model, tok = load(device=args.device, dtype=getattr(torch, args.dtype))
     with torch.no_grad():  # page in every weight, initialise the math libraries
         model(torch.zeros((1, 8), dtype=torch.long, device=args.device))
-    cfg = AbsorbConfig(steps=args.steps, lr=1e-3, checkpoint_activations=args.ckpt)
+    cfg = W.config(steps=args.steps, checkpoint_activations=args.ckpt)
     apply_lora(model, cfg.lora)
     g = W.groups(tok, n_y=args.n_y)
     rows = []

@@ -1,6 +1,6 @@
 """Chat with memory vs full history vs the window alone, over multi-session conversations.
 
-    python bench/bench_chat.py [--window 256] [--conversations 3] [--fillers 8] [--steps 24] [--threads 2]
+    python bench/bench_chat.py [--window 256] [--conversations 9] [--fillers 6] [--steps 24] [--threads 1]
 
 Each conversation: session 1, the user states facts (one a turn), then talks about other things
 long enough to push them out of the window; session 2 (a restart) asks about every fact. Methods:
@@ -12,7 +12,10 @@ long enough to push them out of the window; session 2 (a restart) asks about eve
 Answers are greedy; a fact counts when its expected string occurs in the answer (case-insensitive).
 Since a 135M model often fails to phrase the answer even with the fact in its prompt, the bench also
 reports the answer NLL: the mean NLL of the expected word after the reference answer's start
-("Your sister's name is" -> " Ingrid"), lower = remembered better.
+("Your sister's name is" -> " Ingrid"), lower = remembered better, and a forced-choice recall: the
+fact counts when its value has the lowest answer NLL among all the values that fact takes across
+the conversations (6 candidates, chance 1/6), so phrasing plays no part. Brackets: 95% bootstrap
+intervals over conversations.
 Writes bench/results/chat_bench.{json,md,png}: recall, KV tokens and memory, per-turn latency.
 """
 import argparse
@@ -34,17 +37,37 @@ from nanoabsorber.lora import reset_lora  # noqa: E402
 from nanoabsorber.memory import ChatConfig, ChatSession, MemoryDir, chat_recipe  # noqa: E402
 from nanoabsorber.model import kv_cache_bytes  # noqa: E402
 
-CONVERSATIONS = [
-    [("Please remember this: my sister's name is Ingrid.", "What is my sister's name?", "Ingrid"),
-     ("Also remember that I drive a Volvo.", "What car do I drive?", "Volvo"),
-     ("One more thing: my favourite number is 417.", "What is my favourite number?", "417")],
-    [("Please remember this: my cat is called Pumpernickel.", "What is my cat called?", "Pumpernickel"),
-     ("Also remember that I grew up in Valparaiso.", "Where did I grow up?", "Valparaiso"),
-     ("One more thing: I work as a beekeeper.", "What is my job?", "beekeeper")],
-    [("Please remember this: my best friend is called Oskar.", "What is my best friend called?", "Oskar"),
-     ("Also remember that my flat is on Elm Street.", "What street is my flat on?", "Elm"),
-     ("One more thing: my favourite fruit is the mango.", "What is my favourite fruit?", "mango")],
+# Three conversation shapes of three facts each: (statement, question, values). Conversation i takes
+# shape i % 3 and value i // 3 of each fact (conversations 0-2 are the first benchmark's); the other
+# values of a fact are the distractors of the forced-choice recall (chance = 1 / len(values)).
+SHAPES = [
+    [("Please remember this: my sister's name is {}.", "What is my sister's name?",
+      ["Ingrid", "Beatrix", "Solveig", "Marisol", "Henrietta", "Yolanda"]),
+     ("Also remember that I drive a {}.", "What car do I drive?", ["Volvo", "Subaru", "Peugeot", "Skoda", "Mazda", "Lancia"]),
+     ("One more thing: my favourite number is {}.", "What is my favourite number?", ["417", "283", "961", "358", "742", "629"])],
+    [("Please remember this: my cat is called {}.", "What is my cat called?",
+      ["Pumpernickel", "Biscuit", "Marzipan", "Gingersnap", "Dumpling", "Waffles"]),
+     ("Also remember that I grew up in {}.", "Where did I grow up?",
+      ["Valparaiso", "Tromso", "Bratislava", "Winnipeg", "Marrakesh", "Adelaide"]),
+     ("One more thing: I work as a {}.", "What is my job?",
+      ["beekeeper", "locksmith", "cartographer", "glassblower", "ferryman", "blacksmith"])],
+    [("Please remember this: my best friend is called {}.", "What is my best friend called?",
+      ["Oskar", "Tobias", "Anselm", "Dmitri", "Lorenzo", "Ferdinand"]),
+     ("Also remember that my flat is on {} Street.", "What street is my flat on?",
+      ["Elm", "Maple", "Juniper", "Willow", "Birch", "Hawthorn"]),
+     ("One more thing: my favourite fruit is the {}.", "What is my favourite fruit?",
+      ["mango", "papaya", "lychee", "guava", "pomegranate", "kumquat"])],
 ]
+
+
+def conversation_facts(i: int) -> list:
+    """[(statement, question, expected, [all candidate values])] of conversation i."""
+    shape, k = SHAPES[i % len(SHAPES)], i // len(SHAPES)
+    if k >= len(shape[0][2]):
+        raise SystemExit(f"bench_chat.py: at most {len(SHAPES) * len(shape[0][2])} conversations")
+    return [(st.format(vals[k]), q, vals[k], vals) for st, q, vals in shape]
+
+
 # session 1 is scripted on both sides (the assistant's turns are these fixed replies, so every method
 # sees the same conversation and a small model's habit of repeating its last answer cannot carry a
 # fact along); the model's own answer is still generated (and timed) at every turn, then replaced.
@@ -108,7 +131,7 @@ def run_method(method, model, tok, conv, args, rows, mem_root):
               f"{f' absorb {absorb_s:5.1f}s' if absorb_s else ''}  {ans[:60]!r}", file=sys.stderr, flush=True)
         return ans
 
-    for fact, _, _ in conv["facts"]:
+    for fact, _, _, _ in conv["facts"]:
         say(fact, s, "fact", FACT_REPLY)
     for f, reply in conv["fillers"]:
         say(f, s, "filler", reply)
@@ -126,12 +149,15 @@ def run_method(method, model, tok, conv, args, rows, mem_root):
         md.close()
     s.cfg = qcfg
     hits = []
-    for fact, q, expect in conv["facts"]:
+    for fact, q, expect, values in conv["facts"]:
         q = f"{q} Answer in a few words."
-        nll = answer_nll(model, tok, s, q, fact, expect)          # before the answer changes the state
+        # before the answer changes the state: the expected word's NLL and every candidate's (forced choice)
+        cand = {v: answer_nll(model, tok, s, q, fact.replace(expect, v), v) for v in values}
         ans = say(q, s, "question")
         hits.append(expect.lower() in ans.lower())
-        rows[-1].update({"expect": expect, "correct": hits[-1], "answer_nll": round(nll, 3)})
+        rows[-1].update({"expect": expect, "correct": hits[-1], "answer_nll": round(cand[expect], 3),
+                         "choice": min(cand, key=cand.get), "choice_correct": min(cand, key=cand.get) == expect,
+                         "candidates": len(values)})
     return hits
 
 
@@ -157,7 +183,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--window", type=int, default=256)
     p.add_argument("--keep", type=float, default=0.5)
-    p.add_argument("--conversations", type=int, default=3)
+    p.add_argument("--conversations", type=int, default=9, help="at most 18 (3 shapes x 6 values)")
     p.add_argument("--fillers", type=int, default=6, help="off-topic turns between the facts and the questions")
     p.add_argument("--steps", type=int, default=24, help="optimizer steps per absorption (chat.py's default)")
     p.add_argument("--lr", type=float, default=None)
@@ -176,7 +202,7 @@ def main():
     torch.set_num_threads(args.threads)
     t_start = time.time()
     model, tok = load()
-    convs = [{"i": i, "facts": CONVERSATIONS[i % len(CONVERSATIONS)],
+    convs = [{"i": i, "facts": conversation_facts(i),
               "fillers": [FILLERS[(i * 3 + j) % len(FILLERS)] for j in range(args.fillers)]}
              for i in range(args.conversations)]
     rows, recall = [], {}
@@ -189,6 +215,17 @@ def main():
         print(f"{method}: recall {sum(hits)}/{len(hits)}", file=sys.stderr, flush=True)
     total = time.time() - t_start
     report(args, rows, recall, total)
+
+
+def rate_ci(rows: list, key: str) -> str:
+    """95% bootstrap interval of the rate of rows[key], resampling conversations."""
+    from nanoabsorber.metrics import bootstrap_ci
+
+    by = {}
+    for x in rows:
+        by.setdefault(x["conv"], []).append(bool(x[key]))
+    lo, hi = bootstrap_ci(list(by.values()), lambda cs: sum(map(sum, cs)) / max(1, sum(map(len, cs))))
+    return "" if lo != lo else f"[{lo:.2f}, {hi:.2f}]"
 
 
 def report(args, rows, recall, total):
@@ -211,25 +248,33 @@ def report(args, rows, recall, total):
              f"{args.conversations} conversations x 3 facts, {args.fillers} off-topic turns (session 1 scripted: fixed "
              f"assistant replies; the model's {args.answer_tokens}-token answer is generated and timed, then replaced) between facts and "
              f"questions, questions after a restart (session 2); total {total / 60:.1f} min.", "",
-             "| method | recall | answer NLL (mean) | max KV tokens | max KV MB (fp32) | adapter MB | answer s/turn (mean; last 3 "
-             "of session 1) | absorptions | absorb s (mean) |", "|---|---|---|---|---|---|---|---|---|"]
+             "| method | recall | forced-choice recall (chance 1/6) | answer NLL (mean) | max KV tokens | max KV MB (fp32) | adapter MB | answer s/turn (mean; last 3 "
+             "of session 1) | absorptions | absorb s (mean) |", "|---|---|---|---|---|---|---|---|---|---|"]
     for m in methods:
         r = [x for x in rows if x["method"] == m]
         s1 = [x for x in r if x["phase"] != "question"]
         late = [x["seconds"] for x in s1[-3:]]
         ab = [x["absorb_seconds"] for x in r if x["absorb_seconds"] > 0]
         nll = [x["answer_nll"] for x in r if "answer_nll" in x]
-        lines.append(f"| {m} | {recall[m][0]}/{recall[m][1]} | {sum(nll) / len(nll):.2f} | {max(x['kv_tokens'] for x in r)} | "
+        q = [x for x in r if "choice_correct" in x]
+        lines.append(f"| {m} | {recall[m][0]}/{recall[m][1]} {rate_ci(q, 'correct')} | "
+                     f"{sum(x['choice_correct'] for x in q)}/{len(q)} {rate_ci(q, 'choice_correct')} | {sum(nll) / len(nll):.2f} | {max(x['kv_tokens'] for x in r)} | "
                      f"{max(x['kv_mb'] for x in r):.1f} | {max(x['adapter_mb'] for x in r):.1f} | "
                      f"{sum(x['seconds'] for x in r) / len(r):.2f}; {sum(late) / len(late):.2f} | {len(ab)} | "
                      f"{(sum(ab) / len(ab)) if ab else 0:.1f} |")
+    if "full" in methods and "memory" in methods:
+        for key, what in (("correct", "recall"), ("choice_correct", "forced-choice recall")):
+            f, mm = ([x[key] for x in rows if x["method"] == m and key in x] for m in ("full", "memory"))
+            if f and sum(f):
+                lines += ["", f"memory {what} / full-history {what}: {sum(mm) / sum(f):.2f}"]
     lines += ["", "Answers to the questions:", ""]
     for x in rows:
         if x["phase"] == "question":
-            lines.append(f"- {x['method']} c{x['conv']} {'OK' if x['correct'] else '--'} nll {x['answer_nll']:.2f} {x['user']!r} -> "
+            pick = f" choice {x['choice']!r}" if "choice" in x else ""
+            lines.append(f"- {x['method']} c{x['conv']} {'OK' if x['correct'] else '--'} nll {x['answer_nll']:.2f}{pick} {x['user']!r} -> "
                          f"{x['answer'][:90]!r}")
     atomic_write_text(out.with_suffix(".md"), "\n".join(lines) + "\n")
-    print("\n".join(lines[:4 + 2 + len(methods)]))
+    print("\n".join(lines[:lines.index("Answers to the questions:")]))
 
     fig, ax = plt.subplots(1, 3, figsize=(15, 4))
     for m in methods:

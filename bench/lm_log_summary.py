@@ -3,7 +3,7 @@ results.json: each finished segment's per-method line gives NLL, KL(full || meth
 from which KL(full || none) = KL / (1 - recovered); recovered over segments = 1 - mean KL / mean
 KL_none, as eval.py computes it (no intervals: too few segments).
 
-    python bench/lm_log_summary.py docs/results/continuation/w128_partial.log
+    python bench/lm_log_summary.py runs/continuation/w128.log
 """
 import re
 import sys

@@ -205,8 +205,10 @@ def sync_loss(model, t: Targets, cfg: AbsorbConfig) -> torch.Tensor:
         kind = "l1_norm" if cfg.loss == "hybrid" else cfg.loss
         keep = t.mask.nonzero()[:, 1] >= cfg.sink_positions                # (N,) not an attention sink
         keep = keep if bool(keep.any()) else torch.ones_like(keep)
-        student = torch.stack([h[t.mask][keep] for h in hs])                # (L+1, N', D)
-        loss = hidden_sync_loss(student, t.hidden[:, keep], kind)
+        # every kind is a mean over layers of a per-layer distance: summed layer by layer, so no
+        # (L+1, N', D) stack of the student's states and the loss's temporaries ever exists at once
+        loss = sum(hidden_sync_loss(h[t.mask][keep][None], t.hidden[li:li + 1, keep], kind)      # (1, N', D)
+                   for li, h in enumerate(hs)) / len(hs)
     if cfg.loss in ("kl", "hybrid"):
         s_final = model.norm(hs[-1][t.mask])                                # (N, D)
         kl = linear_kl_loss(s_final, model.output.weight, teacher_h=t.final, temperature=cfg.temperature)

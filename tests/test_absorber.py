@@ -54,23 +54,36 @@ def test_teacher_targets_match_a_plain_forward_of_x_y():
     assert t.mask.sum() == sum(len(y) for y in ys)
 
 
+@pytest.mark.parametrize("kind", ["l1", "mse", "l1_norm"])
 @pytest.mark.parametrize("sink", [0, 1, 3])
-def test_hidden_loss_leaves_out_the_attention_sink_positions(sink):
+def test_hidden_loss_leaves_out_the_attention_sink_positions(sink, kind):
     """With no prefix the student's first Y token is the attention sink: sink_positions leading
-    positions of each student sequence are left out of the hidden-state distance, exactly."""
+    positions of each student sequence are left out of the hidden-state distance, exactly. The
+    loss, summed layer by layer, equals the distance of the stacked (L+1, N, D) states, and so
+    do its LoRA gradients."""
     from nanoabsorber.losses import hidden_sync_loss
+    from nanoabsorber.lora import lora_parameters
     m = lora_model()
+    for p in lora_parameters(m):                               # B = 0 at init: make the gradients of A non-zero
+        torch.nn.init.normal_(p, std=0.05)
     ys = [ids(9, 8), ids(6, 9)]
     t = teacher_targets(m, [([], ids(20, 7), ys)], need_hidden=True, need_final=False)
-    with torch.no_grad():
-        got = ab.sync_loss(m, t, AbsorbConfig(loss="l1", sink_positions=sink))
-        _, hs = m(t.ids, hidden=True, logits=False)
-        keep = torch.cat([torch.arange(len(y)) >= sink for y in ys])
-        want = hidden_sync_loss(torch.stack([h[t.mask] for h in hs])[:, keep], t.hidden[:, keep], "l1")
+    for p in lora_parameters(m):                               # a student that differs from the teacher
+        p.data.add_(0.05)
+
+    def grads(loss):
+        return [g.clone() for g in torch.autograd.grad(loss, lora_parameters(m))]
+
+    got = ab.sync_loss(m, t, AbsorbConfig(loss=kind, sink_positions=sink))
+    _, hs = m(t.ids, hidden=True, logits=False)
+    keep = torch.cat([torch.arange(len(y)) >= sink for y in ys])
+    want = hidden_sync_loss(torch.stack([h[t.mask] for h in hs])[:, keep], t.hidden[:, keep], kind)
     torch.testing.assert_close(got, want)
+    for a, b in zip(grads(got), grads(want)):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
     if sink:
         with torch.no_grad():
-            assert not torch.isclose(got, ab.sync_loss(m, t, AbsorbConfig(loss="l1", sink_positions=0)))
+            assert not torch.isclose(got, ab.sync_loss(m, t, AbsorbConfig(loss=kind, sink_positions=0)))
 
 
 def test_sink_positions_is_a_no_op_behind_a_prefix():

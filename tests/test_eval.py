@@ -347,3 +347,43 @@ def test_long_questions_know_where_their_answer_is(tiny_ckpt):
     for q in qs:
         assert any(a in q["oracle_passage"] for a in q["answers"])
         assert any(a in q["oracle_window"] for a in q["answers"])
+
+
+def test_continuation_frontier_pairs_segments_across_runs(tmp_path, capsys):
+    """bench/continuation_frontier.py --versus: runs merged by (document, segment), paired KL
+    differences computed by hand, and runs of other segments refused."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("cf", Path(__file__).parents[1] / "bench" / "continuation_frontier.py")
+    cf = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cf)
+
+    def run(name, kls, none=(1.0, 2.0, 1.0), window=0):
+        segs = [{"document": d, "segment": i, "methods": {"none": {"kl": n}, "full": {"kl": 0.0},
+                                                          **{m: {"kl": v[k]} for m, v in kls.items()}}}
+                for k, ((d, i), n) in enumerate(zip([("a", 0), ("a", 1), ("b", 0)], none))]
+        summ = {m: {"label": m, "recovered": 0.5, "recovered_ci": [0.4, 0.6], "absorb_seconds_per_1k_tokens": 1.0}
+                for m in kls}
+        res = {"config": {"window": window, "steps": 10}, "lm": {"segments": segs, "summary": summ,
+               "by_document": {d: summ for d in "ab"}}}
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "results.json").write_text(json.dumps(res))
+        return tmp_path / name / "results.json"
+
+    r1 = run("r1", {"hybrid": [0.2, 0.5, 0.1]})
+    r2 = run("r2", {"ntp": [0.4, 0.4, 0.3]})
+    rows = cf.paired(cf.segments_by_window([r1, r2]), "hybrid")
+    got = {(o, k): (n, round(m, 6), w) for _, o, k, n, m, _, w in rows}
+    assert got[("ntp", "a")] == (2, round((0.2 - 0.1) / 2, 6), 1)
+    assert got[("ntp", "b")] == (1, 0.2, 1)
+    assert got[("ntp", "all")] == (3, round(0.3 / 3, 6), 2)
+    assert got[("none", "all")] == (3, round((0.8 + 1.5 + 0.9) / 3, 6), 3)
+    r4 = run("r4", {"ntp": [0.1, 0.6, 0.2]})                   # the same method in another run keeps its own name
+    got = {(o, k): round(m, 6) for _, o, k, n, m, _, w in cf.paired(cf.segments_by_window([r1, r2, r4]), "hybrid")}
+    assert got[("ntp", "all")] == round(0.3 / 3, 6) and got[("ntp@r4", "all")] == round(0.1 / 3, 6)
+    assert cf.main([str(r1), str(r2), "--versus", "hybrid"]) == 0
+    assert "| 0 | ntp | all | 3 | +0.100 |" in capsys.readouterr().out
+    bad = run("r3", {"kl": [0.1, 0.1, 0.1]}, none=(9.0, 2.0, 1.0))
+    assert cf.main([str(r1), str(bad), "--versus", "hybrid"]) == 2
+    assert "differs from an earlier run" in capsys.readouterr().err
+    assert cf.main([str(r1), "--versus", "nope"]) == 2
