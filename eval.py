@@ -312,7 +312,7 @@ def lm_segment(model, prefix: list, ids: list, cfg: EvalConfig, base: AbsorbConf
     nlls = {k: token_nlls(v, target) for k, v in refs.items()}
     ref_scores = continuation_scores(refs, target)
     scores = {k: {"nll": ref_scores[k]["nll"], "kl": ref_scores[k]["kl"], "absorb": None,
-                  "layers": dist(ctx if k == "full" else [])}
+                  "layers": [0.0] * len(h_full) if k == "full" else dist([])}    # full: its own reference
               for k in refs}
     for m in methods:
         if m.kind in refs:

@@ -90,7 +90,12 @@ def main(argv=None) -> int:
     if missing:
         print(f"continuation_frontier.py: no such file: {missing[0]}", file=sys.stderr)
         return 2
-    rows = [r for path in a.results for r in rows_of(path)]
+    try:
+        rows = [r for path in a.results for r in rows_of(path)]
+    except (ValueError, KeyError, TypeError) as e:   # json.JSONDecodeError is a ValueError
+        print(f"continuation_frontier.py: not the results.json of an eval.py --only lm run ({type(e).__name__}: {e})",
+              file=sys.stderr)
+        return 2
     kinds = sorted({k for r in rows for k in r["kinds"]})
     print("| run | method | W | steps | s / 1k tok | all | " + " | ".join(kinds) + " |")
     print("|---" * (6 + len(kinds)) + "|")

@@ -387,3 +387,6 @@ def test_continuation_frontier_pairs_segments_across_runs(tmp_path, capsys):
     assert cf.main([str(r1), str(bad), "--versus", "hybrid"]) == 2
     assert "differs from an earlier run" in capsys.readouterr().err
     assert cf.main([str(r1), "--versus", "nope"]) == 2
+    (tmp_path / "junk.json").write_text("{}")
+    assert cf.main([str(tmp_path / "junk.json")]) == 2
+    assert "not the results.json of an eval.py --only lm run" in capsys.readouterr().err
