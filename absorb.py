@@ -236,9 +236,10 @@ def print_summary(model, tok, text: str, results: list, t_abs: float, out: Path,
     print(f"\nabsorbed {n_tokens} tokens in {len(results)} window(s), {steps} steps, {t_abs:.1f}s "
           f"({t_abs / max(steps, 1):.2f}s/step, {t_abs / max(n_tokens, 1) * 1000:.1f}s per 1k tokens); "
           f"{trained} Y tokens trained; peak memory {process_peak_bytes(run_cfg.device) / 1e9:.2f} GB")
-    if results:
-        print(f"loss: first {results[0].first_loss:.4f} -> final {results[-1].final_loss:.4f} "
-              f"(window 1 stopped at: {results[0].stopped})")
+    ran = [r for r in results if r.stopped != "nothing to absorb"]
+    if ran:
+        print(f"loss: first {ran[0].first_loss:.4f} -> final {ran[-1].final_loss:.4f} "
+              f"(window 1 stopped at: {ran[0].stopped})")
     print(f"adapter: {out} ({out.stat().st_size / 1e6:.2f} MB, {n_lora / 1e6:.2f}M parameters) vs the KV cache "
           f"the context would need: {kv_bytes / 1e6:.2f} MB ({run_cfg.dtype})")
     # break-even: the adapter is paid once; the document in the prompt is prefilled at every question
@@ -367,6 +368,7 @@ def absorb_one(text: str, name: str, out: Path, questions: list, opts: AbsorbScr
         holdout, text = ids[-opts.eval_holdout:], tok.decode(ids[:-opts.eval_holdout])
     n_tokens = len(tok.encode(text))
     say(f"loaded model in {time.time() - t0:.1f}s; context {name}: {len(text)} chars, {n_tokens} tokens", procs.master)
+    cfg = resolve_config(tok, cfg)                 # the automatic settings, for this model and Y
     if n_tokens < cfg.chunk:
         say(f"note: the context ({n_tokens} tokens) is shorter than one window (--chunk {cfg.chunk}); "
             f"absorbing it as a single window", procs.master)
@@ -379,7 +381,6 @@ def absorb_one(text: str, name: str, out: Path, questions: list, opts: AbsorbScr
         say(f"asking {len(questions)} questions before absorbing ...")
         before = [ask(model, tok, questions), ask(model, tok, questions, doc=text)]
 
-    cfg = resolve_config(tok, cfg)
     if not procs.master:                           # the other ranks absorb their share; rank 0 writes
         absorb_resumable(model, tok, text, cfg, opts, out, n_tokens, chat, master=False)
         return 0

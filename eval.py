@@ -43,7 +43,7 @@ from typing import Callable, Optional
 import torch
 
 from nanoabsorber import load
-from nanoabsorber.absorber import (PROBE_LR, PROBE_STEPS, RAW_STEPS, RAW_TEXT_LR, AbsorbConfig, absorb_stream, absorb_text,
+from nanoabsorber.absorber import (AUTOMATIC, PROBE_STEPS, RAW_STEPS, AbsorbConfig, absorb_stream, absorb_text,
                                    chunk_windows, resolve_config)
 from nanoabsorber.benchdocs import (POSITIONS, document_segments, load_tasks, long_questions, make_fact_doc, make_long_doc,
                                     make_story)
@@ -173,6 +173,9 @@ class EvalConfig:
                                                                                         empty_ok=False))
     long_docs: Optional[int] = sized("long_docs", "long: documents per length and style (fresh ones each --seed)")
     long_questions: Optional[int] = sized("long_questions", "long: questions per document, spread over it")
+    long_refs: str = setting(",".join(m.name for m in LONG_REFS), "long: the reference contexts the questions are "
+                             "also asked with ('' for none: absorbing methods only, for tuning runs)",
+                             check=comma_list([m.name for m in LONG_REFS]))
     cost_lengths: Optional[str] = sized("cost_lengths", "cost: context lengths for inference memory/latency, comma "
                                         "list", check=positive_ints)
     cost_tokens: Optional[int] = sized("cost_tokens", "cost: tokens absorbed for the absorption measurement")
@@ -256,12 +259,21 @@ def step_logger(tag: str, steps: int):
     return log
 
 
+def auto_text(base: AbsorbConfig, key: str, spec: str = "") -> str:
+    """A recipe setting as the report states it: its value, or both automatic values."""
+    v = getattr(base, key)
+    if v is not None:
+        return format(v, spec)
+    probe, raw = AUTOMATIC[key]
+    return f"{format(raw, spec)} (lm, raw-text Y) / {format(probe, spec)} (QA sections, chat probes)"
+
+
 def lr_text(base: AbsorbConfig) -> str:
-    return f"{base.lr:g}" if base.lr else f"{RAW_TEXT_LR:g} (lm, raw-text Y) / {PROBE_LR:g} (QA sections, chat probes)"
+    return auto_text(base, "lr", "g")
 
 
 def steps_text(base: AbsorbConfig) -> str:
-    return f"{base.steps}" if base.steps is not None else f"{RAW_STEPS} (lm) / {PROBE_STEPS} (QA sections)"
+    return auto_text(base, "steps")
 
 
 # ------------------------------------------------------------------------------------------
@@ -539,12 +551,16 @@ def long_summary(rows: list, methods) -> dict:
 
 
 def run_long(model, tok, cfg: EvalConfig, base: AbsorbConfig, methods) -> dict:
+    # one set of windows for every method (the questions know theirs): the chat-probe recipe's
+    rc = resolve_config(tok, replace(base, objective="sync"))
+    base = replace(base, chunk=rc.chunk, sync_len=rc.sync_len)
     items = long_items(tok, cfg, base)
-    long_methods = LONG_REFS + [m for m in methods if m.kind == "absorb"]
+    long_methods = [m for m in LONG_REFS if m.name in names(cfg.long_refs)] + [m for m in methods if m.kind == "absorb"]
     rows = answer_all(model, tok, items, long_methods, base, cfg, "long")
     return {"documents": [{k: it[k] for k in ("length", "style", "seed", "windows")} | {"text": it["context"]}
                           for it in items],
-            "methods": [m.name for m in long_methods], "rows": rows, "summary": long_summary(rows, long_methods)}
+            "methods": [m.name for m in long_methods], "rows": rows, "summary": long_summary(rows, long_methods),
+            "chunk": base.chunk, "sync_len": base.sync_len}
 
 
 def run_tasks(model, tok, cfg: EvalConfig, base: AbsorbConfig, methods, tasks: list) -> dict:
@@ -652,8 +668,8 @@ def md_header(res: dict, cfg: EvalConfig, base: AbsorbConfig) -> str:
             f"{env['cpu_count']} CPU(s) ({env['machine']}), torch {env['torch']}, python {env['python']}, commit "
             f"{(env['git_commit'] or 'unknown')[:10]}{' (dirty)' if env['git_dirty'] else ''}. "
             f"LoRA rank {lora.rank}, alpha {lora.alpha:g}, targets {lora.targets}; {steps_text(base)} optimizer steps per "
-            f"absorbed window (n = {base.chunk}, m = {base.sync_len}), lr {lr_text(base)}, "
-            f"{base.batch_tokens or 'all'} Y tokens per step, window W = {cfg.window} tokens.\n")
+            f"absorbed window (n = {auto_text(base, 'chunk')}, m = {auto_text(base, 'sync_len')}), lr {lr_text(base)}, "
+            f"{auto_text(base, 'batch_tokens')} Y tokens per step (0 = all), window W = {cfg.window} tokens.\n")
 
 
 def ci_text(x, ci, spec: str = ".3f") -> str:
@@ -712,7 +728,7 @@ def md_long(long: dict, base: AbsorbConfig, plots: dict) -> list[str]:
     windows = sorted({w for s in long["summary"].values() for w in s["by_window"]}, key=int)
     out = [f"### Long documents\n\n{len(docs)} generated document(s) ("
            + ", ".join(f"{d['length']} tokens {d['style']}, {d['windows']} windows" for d in docs)
-           + f"; windows of n = {base.chunk}, m = {base.sync_len}), {n_q} questions spread over them. Recall = the "
+           + f"; windows of n = {long.get('chunk', base.chunk)}, m = {long.get('sync_len', base.sync_len)}), {n_q} questions spread over them. Recall = the "
            f"answer occurs in the answer; first sentence = it occurs in the answer's first sentence. Oracle window "
            f"/ passage: each question asked with only the window / paragraph that holds its answer in the prompt. "
            f"Absorbing methods answer with nothing in the prompt.\n"]
@@ -752,7 +768,7 @@ def md_cost(c: dict, cfg: EvalConfig, base: AbsorbConfig, plots: dict) -> list[s
                  fmt(r["seconds_per_step"], ".2f"), fmt(mib(r["memory_peak_bytes"]), ".0f"),
                  fmt(mib(r["memory_extra_bytes"]), ".0f")] for r in c["absorb"]]
         out.append(f"Absorption of a {c['absorb_text_tokens']}-token text as absorb.py does it (probes "
-                   f"{base.probes or 'none'}, {_RECIPE_DEFAULTS.batch_tokens or 'all'} Y tokens per step), each "
+                   f"{base.probes or 'none'}, {auto_text(_RECIPE_DEFAULTS, 'batch_tokens')} Y tokens per step), each "
                    f"method in a fresh process. Wall time includes building the probes, the teacher pass, the "
                    f"teacher-generated Y and a final loss pass, so with few steps it overstates the cost per "
                    f"step (the LM and fact tables give the time at {steps_text(base)} steps); memory is the "

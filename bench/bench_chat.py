@@ -98,7 +98,8 @@ METHODS = ("full", "window", "memory")
 def run_method(method, model, tok, conv, args, rows, mem_root):
     cfg = ChatConfig(window=args.window, keep=args.keep, max_tokens=args.answer_tokens)
     qcfg = replace(cfg, max_tokens=args.question_tokens)
-    recipe = chat_recipe(steps=args.steps, **({"lr": args.lr} if args.lr else {}))
+    recipe = chat_recipe(steps=args.steps, **{k: v for k, v in (("lr", args.lr), ("loss", args.loss),
+                                                                  ("probes", args.probes)) if v is not None})
     reset_lora(model, seed=0)
     s = ChatSession(model, tok, cfg, recipe)
     turn = 0
@@ -187,6 +188,8 @@ def main():
     p.add_argument("--fillers", type=int, default=6, help="off-topic turns between the facts and the questions")
     p.add_argument("--steps", type=int, default=24, help="optimizer steps per absorption (chat.py's default)")
     p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--loss", default=None, help="sync loss (automatic: chat.py's recipe)")
+    p.add_argument("--probes", default=None, help="probe kinds (automatic: chat.py's recipe)")
     p.add_argument("--answer-tokens", type=int, default=16, help="tokens of the (timed, discarded) answers in session 1")
     p.add_argument("--question-tokens", type=int, default=32, help="tokens of the answers to the questions")
     p.add_argument("--threads", type=int, default=1, help="torch threads (1: the machine is shared)")

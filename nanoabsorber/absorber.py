@@ -21,6 +21,9 @@ Algorithm 2 (streaming): `absorb_stream` slides over a token stream: X = the nex
 Y = the m tokens after them (teacher-generated when the stream runs out), absorb, slide by n.
 The updated model is the next chunk's teacher. Memory is bounded by n + m, not the stream.
 """
+import bisect
+import contextlib
+import itertools
 import math
 import time
 from dataclasses import dataclass, field, replace
@@ -31,21 +34,33 @@ import torch.nn.functional as F
 
 from .config import in_range, non_negative, positive, setting, validate
 from .losses import hidden_sync_loss, linear_kl_loss
-from .lora import LoRAConfig, lora_parameters, lora_state_dict
+from .lora import LoRAConfig, lora_disabled, lora_parameters, lora_state_dict
 from .sampling import sample_next
 
 # Two recipes, chosen by what Y is made of (AbsorbConfig.resolved fills the automatic settings).
-# Chat probes (bench/absorb_recipes.py, README "Recipes"): Y = the recite probe, 90 steps at lr
-# 3e-3, hidden-state L1, nothing generated. Raw-text Y (no chat probes: --probes "" or a base
-# model; README "Continuation fidelity", tuned on bench/texts/tune_*): where the real following
-# text runs out, RAW_GEN_TOKENS teacher-sampled tokens in gen_samples continuations, 10 steps at
-# lr 3e-3, the hybrid loss (per-layer normalised L1 + KL).
-DEFAULT_PROBES = "recite"
+# Chat probes (README "Long documents"; tuned with bench/long_window_tune.py on tuning catalogues,
+# seeds 100+, and the demo document): Y = passage probes (about + fact: cue-to-fact questions, each
+# passage's teacher sees that passage alone), the base model as teacher (an updated teacher passed
+# the adapter's mistakes on: 0.13 vs 1.00 on a stream's last window), windows of 1024 tokens
+# trained jointly (window after window, earlier windows were forgotten: 0.00), no raw following
+# text, 13 passes over each window's Y in steps of 512 Y tokens (at most 150 steps) at lr 3e-3, the
+# hybrid loss (hidden-state L1 alone put no fact within reach of a question: 0.00 vs 0.73).
+# Raw-text Y (no chat probes: --probes "" or a base model; README "Continuation fidelity", tuned on
+# bench/texts/tune_*): windows of 1024, the 512 real following tokens and, where they run out,
+# RAW_GEN_TOKENS teacher-sampled tokens in gen_samples continuations, 10 steps over all Y at lr
+# 3e-3, the hybrid loss (per-layer normalised L1 + KL), the updated model as teacher (Algorithm 2).
+DEFAULT_PROBES = "about,fact"
 PROBE_LR, RAW_TEXT_LR = 3e-3, 3e-3
-PROBE_STEPS, RAW_STEPS = 90, 10
-PROBE_LOSS, RAW_LOSS = "l1", "hybrid"
+PROBE_STEPS, RAW_STEPS = 150, 10
+PROBE_LOSS, RAW_LOSS = "hybrid", "hybrid"
+PROBE_CHUNK, RAW_CHUNK = 1024, 1024
+PROBE_SYNC_LEN, RAW_SYNC_LEN = 0, 512
+PROBE_BATCH_TOKENS, RAW_BATCH_TOKENS = 512, 0
+PROBE_TEACHER, RAW_TEACHER = "base", "updated"
+PROBE_EPOCHS, RAW_EPOCHS = 13.0, 0.0
 RAW_GEN_TOKENS = 512
 LOSSES = ("l1", "mse", "l1_norm", "kl", "hybrid")
+PROBE_KINDS = ("recite", "entity", "cloze", "continue", "about", "fact")   # probes.py
 OBJECTIVES = ("sync", "ntp")
 
 
@@ -69,6 +84,10 @@ class AbsorbConfig:
     temperature: float = setting(1.0, "softmax temperature of the KL term", check=positive)
     steps: Optional[int] = setting(None, f"max optimizer steps per window (K) (automatic: {PROBE_STEPS} when Y holds "
                                    f"chat probes, {RAW_STEPS} for raw-text Y)", check=non_negative)
+    epochs: Optional[float] = setting(None, f"if > 0 (with batch-tokens > 0): steps per window = epochs x the window's "
+                                      f"Y tokens / batch-tokens, at most --steps, so a window of many probes gets "
+                                      f"as many passes as one of few (automatic: {PROBE_EPOCHS:g} with chat probes, "
+                                      f"{RAW_EPOCHS:g} (off) for raw-text Y)", check=non_negative)
     eps: float = setting(0.0, "early stop when the loss falls below this (paper: 2 on Llama-2-7B)",
                          check=non_negative)
     lr: Optional[float] = setting(None, f"AdamW learning rate (automatic: {PROBE_LR:g} when Y holds chat probes, "
@@ -77,8 +96,11 @@ class AbsorbConfig:
                             choices=("constant", "cosine"))
     weight_decay: float = setting(0.0, "AdamW weight decay", check=non_negative)
     grad_clip: float = setting(1.0, "max gradient norm (0 = off)", check=non_negative)
-    chunk: int = setting(1024, "n: tokens absorbed per window", check=positive)
-    sync_len: int = setting(512, "m: real following tokens used as Y per window", check=non_negative)
+    chunk: Optional[int] = setting(None, f"n: tokens absorbed per window (automatic: {PROBE_CHUNK} with chat probes, "
+                                   f"{RAW_CHUNK} for raw-text Y)", check=positive)
+    sync_len: Optional[int] = setting(None, f"m: real following tokens used as Y per window (automatic: "
+                                      f"{PROBE_SYNC_LEN} with chat probes, {RAW_SYNC_LEN} for raw-text Y)",
+                                      check=non_negative)
     gen_tokens: Optional[int] = setting(None, f"teacher-generated Y tokens where the following text is short "
                                         f"(last window) (automatic: 0 with chat probes, {RAW_GEN_TOKENS} "
                                         f"otherwise)", check=non_negative)
@@ -90,10 +112,11 @@ class AbsorbConfig:
                               "the real following text); k > 1 adds k - 1 evenly spaced points inside the window "
                               "(teacher context: the window up to the point); gen-samples are dealt out over them",
                               check=positive)
-    batch_tokens: int = setting(0, "Y tokens per optimizer step, a random subset of the Y sequences (0 = all)",
-                                check=non_negative)
-    probes: str = setting(DEFAULT_PROBES, "chat probe kinds added to Y for chat models: comma list of recite, "
-                          "entity, cloze, continue ('' for none); see nanoabsorber/probes.py", check=_probe_check)
+    batch_tokens: Optional[int] = setting(None, f"Y tokens per optimizer step, a random subset of the Y sequences "
+                                          f"(0 = all) (automatic: {PROBE_BATCH_TOKENS} with chat probes, "
+                                          f"{RAW_BATCH_TOKENS or 'all'} for raw-text Y)", check=non_negative)
+    probes: str = setting(DEFAULT_PROBES, "chat probe kinds added to Y for chat models: comma list of "
+                          f"{', '.join(PROBE_KINDS)} ('' for none); see nanoabsorber/probes.py", check=_probe_check)
     sink_positions: int = setting(1, "leading positions of every student sequence left out of the hidden-state "
                                   "loss: a sequence's first token is the model's attention sink, whose states are "
                                   "far larger than the teacher's at that place and would dominate the distance (a "
@@ -101,6 +124,14 @@ class AbsorbConfig:
                                   check=non_negative)
     lora: LoRAConfig = setting(default_factory=LoRAConfig, help="LoRA")
     seed: int = setting(0, "random seed (LoRA init, Y subsets, generated Y)")
+    teacher: Optional[str] = setting(None, f"the teacher of each window: updated (the model with the LoRA learned so "
+                                     f"far, Algorithm 2) or base (the model without LoRA: enough for passage probes, "
+                                     f"whose teacher context is their own passage, and it does not pass a drifting "
+                                     f"adapter's mistakes on) (automatic: {PROBE_TEACHER} with chat probes, "
+                                     f"{RAW_TEACHER} for raw-text Y)", choices=("updated", "base"))
+    replay: int = setting(8, "passage probes: passages of earlier windows absorbed again in each window (a random "
+                          "sample of this many, their targets recomputed by the teacher), against forgetting; "
+                          "only the passages' text is kept", check=non_negative)
     checkpoint_activations: bool = setting(False, "recompute each block in the backward pass instead of keeping "
                                            "its activations (less memory, more time; same result)")
 
@@ -108,12 +139,17 @@ class AbsorbConfig:
         validate(self)
 
     def resolved(self, chat_probes: bool) -> "AbsorbConfig":
-        """This config with the automatic (None) lr, steps, loss and gen_tokens filled in for a Y
-        that does (chat_probes=True) or does not hold chat probes."""
-        def auto(v, probe, raw):
-            return v if v is not None else (probe if chat_probes else raw)
-        return replace(self, lr=auto(self.lr, PROBE_LR, RAW_TEXT_LR), steps=auto(self.steps, PROBE_STEPS, RAW_STEPS),
-                       loss=auto(self.loss, PROBE_LOSS, RAW_LOSS), gen_tokens=auto(self.gen_tokens, 0, RAW_GEN_TOKENS))
+        """This config with the automatic (None) settings (AUTOMATIC) filled in for a Y that does
+        (chat_probes=True) or does not hold chat probes."""
+        return replace(self, **{k: v if (v := getattr(self, k)) is not None else (probe if chat_probes else raw)
+                                for k, (probe, raw) in AUTOMATIC.items()})
+
+
+# setting -> (with chat probes, raw-text Y): what AbsorbConfig.resolved fills in for None
+AUTOMATIC = {"lr": (PROBE_LR, RAW_TEXT_LR), "steps": (PROBE_STEPS, RAW_STEPS), "loss": (PROBE_LOSS, RAW_LOSS),
+             "gen_tokens": (0, RAW_GEN_TOKENS), "chunk": (PROBE_CHUNK, RAW_CHUNK),
+             "sync_len": (PROBE_SYNC_LEN, RAW_SYNC_LEN), "batch_tokens": (PROBE_BATCH_TOKENS, RAW_BATCH_TOKENS),
+             "teacher": (PROBE_TEACHER, RAW_TEACHER), "epochs": (PROBE_EPOCHS, RAW_EPOCHS)}
 
 
 @dataclass
@@ -143,7 +179,7 @@ class ChunkResult:
     first_loss: float
     final_loss: float
     losses: list = field(default_factory=list)
-    stopped: str = "max steps"           # "max steps" | "early stop" | "non-finite loss"
+    stopped: str = "max steps"           # "max steps" | "early stop" | "non-finite loss" | "nothing to absorb"
     seconds: float = 0.0
     y_tokens: int = 0                    # Y tokens of the window (trained on at every step with batch_tokens 0)
 
@@ -285,7 +321,8 @@ def absorb_chunk(model, groups: list, cfg: AbsorbConfig, log: Optional[Callable[
             return distributed.all_reduce_sum(float(loss.detach()), _device(model))
     else:
         need_hidden = cfg.loss != "kl"
-        targets = teacher_targets(model, groups, need_hidden, cfg.loss in ("kl", "hybrid"))
+        with lora_disabled(model) if cfg.teacher == "base" else contextlib.nullcontext():
+            targets = teacher_targets(model, groups, need_hidden, cfg.loss in ("kl", "hybrid"))
         sizes = targets.mask.sum(1).tolist()
         rng = torch.Generator().manual_seed(cfg.seed)
 
@@ -300,16 +337,19 @@ def absorb_chunk(model, groups: list, cfg: AbsorbConfig, log: Optional[Callable[
                         break
             return _accumulate(model, targets, rows, cfg, backward)
 
+    n_steps = cfg.steps
+    if cfg.objective != "ntp" and cfg.epochs > 0 and cfg.batch_tokens > 0:   # as many steps as passes need
+        n_steps = min(cfg.steps, math.ceil(cfg.epochs * sum(sizes) / cfg.batch_tokens))
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999))
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda i: 1.0 if cfg.schedule == "constant" else 0.5 * (1 + math.cos(math.pi * i / max(cfg.steps, 1))))
+        opt, lambda i: 1.0 if cfg.schedule == "constant" else 0.5 * (1 + math.cos(math.pi * i / max(n_steps, 1))))
     for m in model.modules():
         if hasattr(m, "lora_A"):
             m.train()  # LoRA dropout active while absorbing
     res = ChunkResult(0, math.nan, math.nan)
     good = {k: v.clone() for k, v in lora_state_dict(model).items()}
-    for step in range(cfg.steps + 1):
-        last = step == cfg.steps
+    for step in range(n_steps + 1):
+        last = step == n_steps
         opt.zero_grad(set_to_none=True)
         with torch.no_grad() if last else torch.enable_grad():
             lv = run_step(backward=not last, final=last)
@@ -435,6 +475,15 @@ def absorb_stream(model, stream: list[int], cfg: AbsorbConfig, prefix: list[int]
         groups = window_groups(model, list(prefix), x, real, cfg, stop_ids, seed=cfg.seed + ci)
         if extra_ys is not None:
             groups += list(extra_ys(ci, x))
+        if not groups and extra_ys is not None and cfg.objective != "ntp":
+            # passage probes only, and no passage starts in this window (its text is probed with the
+            # passage it continues): nothing to absorb here
+            res = ChunkResult(0, math.nan, math.nan, stopped="nothing to absorb")
+            results.append(res)
+            absorbed += len(x)
+            if on_window:
+                on_window(ci, res)
+            continue
         if not groups:
             if cfg.objective != "ntp":
                 raise ValueError("nothing to synchronise on: no following text; set gen_tokens > 0")
@@ -452,9 +501,9 @@ def absorb_stream(model, stream: list[int], cfg: AbsorbConfig, prefix: list[int]
 def probe_kinds(probes: str) -> set:
     """The probe kinds of a comma list like "recite,entity"; ValueError for unknown ones."""
     kinds = {k.strip() for k in probes.split(",") if k.strip()}
-    bad = kinds - {"recite", "entity", "cloze", "continue"}
+    bad = kinds - set(PROBE_KINDS)
     if bad:
-        raise ValueError(f"unknown probe kind(s) {sorted(bad)}; use recite, entity, cloze, continue")
+        raise ValueError(f"unknown probe kind(s) {sorted(bad)}; use {', '.join(PROBE_KINDS)}")
     return kinds
 
 
@@ -474,25 +523,41 @@ def absorb_text(model, tok, text: str, cfg: AbsorbConfig, log: Optional[Callable
     """The high-level entry point (absorb.py, eval.py): absorb `text` into the LoRA of `model`
     (applied from cfg.lora if the model has none yet). Raw-text Y: the sync_len real tokens after
     each window (+ gen_tokens generated ones at the end). For chat models, each window also gets
-    chat probes about its text (cfg.probes, a comma list of recite, entity, cloze, continue; ""
+    chat probes about its text (cfg.probes, a comma list of PROBE_KINDS; ""
     for none), see probes.py. Returns a ChunkResult per window. start / on_window: as in
     absorb_stream (resuming an interrupted absorption)."""
     from .lora import apply_lora, lora_modules
-    from .probes import chat_probe_ids, make_probes
+    from .probes import chat_probe_ids, make_probes, passage_probes
 
+    cfg = resolve_config(tok, cfg)
     if not lora_modules(model):
         apply_lora(model, cfg.lora)
     ids = tok.encode(text)
     prefix = [tok.bos_id] if tok.add_bos and tok.bos_id is not None else []
     kinds = probe_kinds(cfg.probes)
 
+    # passage probes belong to the window their passage starts in (a passage cut by a window's end
+    # is still probed whole, with its topic); window kinds are made from the window's own text
+    spans = passage_probes(text, kinds)
+    win_ends = list(itertools.accumulate(len(tok.decode(ids[s:e])) for s, e, _ in
+                                         chunk_windows(len(ids), cfg.chunk, cfg.sync_len))) if spans else []
+
     def chat_probes(ci, x):
         chunk_text = tok.decode(x)
+        groups = []
         pr = make_probes(chunk_text, kinds)
-        if not pr:
-            return []
-        p, xc, ys, _ = chat_probe_ids(tok, chunk_text, pr)
-        return [(p, xc, ys)]
+        if pr:
+            p, xc, ys, _ = chat_probe_ids(tok, chunk_text, pr)
+            groups.append((p, xc, ys))
+        win = [min(bisect.bisect_right(win_ends, start), len(win_ends) - 1) for start, _, _ in spans]
+        mine = [i for i, w in enumerate(win) if w == ci]
+        earlier = [i for i, w in enumerate(win) if w < ci]
+        g = torch.Generator().manual_seed(cfg.seed * 7919 + ci)
+        again = sorted(earlier[j] for j in torch.randperm(len(earlier), generator=g)[:cfg.replay].tolist())
+        for i in mine + again:                                # the teacher sees the passage alone
+            p, xc, ys, _ = chat_probe_ids(tok, spans[i][1], spans[i][2])
+            groups.append((p, xc, ys))
+        return groups
 
     use = uses_chat_probes(tok, cfg)
     return absorb_stream(model, ids, cfg, prefix, tok.stop_ids, log, chat_probes if use else None, start, on_window)

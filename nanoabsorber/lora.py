@@ -7,6 +7,7 @@ Adapters are saved as safetensors with metadata (rank, alpha, targets, base fing
 absorbed, source hash) and can be exported to the PEFT layout (adapter_config.json +
 adapter_model.safetensors) for tools that serve PEFT LoRA adapters.
 """
+import contextlib
 import json
 import math
 from dataclasses import dataclass
@@ -141,6 +142,23 @@ def apply_lora(model, targets: Iterable[str] | LoRAConfig = tuple(TARGETS), rank
             mods.append(new)
     model.lora_config = {"rank": rank, "alpha": alpha, "targets": list(targets), "dropout": dropout}
     return mods
+
+
+@contextlib.contextmanager
+def lora_disabled(model):
+    """Run the model as its base (every LoRA update scaled by 0) inside the block; merged LoRA is
+    refused, since its update is in the weights."""
+    mods = lora_modules(model)
+    if any(m.merged for m in mods):
+        raise ValueError("lora_disabled: unmerge the LoRA first")
+    scales = [m.scale for m in mods]
+    for m in mods:
+        m.scale = 0.0
+    try:
+        yield model
+    finally:
+        for m, sc in zip(mods, scales):
+            m.scale = sc
 
 
 def lora_modules(model) -> list:

@@ -40,8 +40,11 @@ from .io import atomic_save_safetensors, atomic_write_text
 
 # The per-absorption recipe of a chat (the rest is AbsorbConfig's): one absorption must take
 # well under a minute on 2 CPU cores (README, "Chat with memory"), so few steps, and Y's real
-# following turns are capped at 256 tokens.
-CHAT_RECIPE = {"steps": 24, "sync_len": 256}
+# following turns are capped at 256 tokens. Probes: recite (the passage probes of documents need
+# names to hang facts on; a chat's turns are probed as a whole); every Y token at every step; the
+# teacher is the model with its memory (measured so: README, "Chat with memory"); the loss is the
+# chat-probe recipe's (hybrid: with hidden-state L1 the memory ranked facts first but rarely said them).
+CHAT_RECIPE = {"steps": 24, "sync_len": 256, "probes": "recite", "batch_tokens": 0, "teacher": "updated"}
 # AbsorbConfig settings a chat does not use (X is whole turns, Y is never generated); chat.py has
 # no flags for them (and --temperature is the answers' sampling temperature).
 CHAT_SKIP = ("chunk", "gen_tokens", "gen_temperature", "gen_top_p", "gen_samples", "temperature")

@@ -241,12 +241,16 @@ def test_automatic_lr_and_gen_tokens_depend_on_what_y_is_made_of():
         chat_format = False
 
     cfg = AbsorbConfig()
-    auto = ("lr", "steps", "loss", "gen_tokens")
+    auto = tuple(ab.AUTOMATIC)
+    assert set(auto) == {"lr", "steps", "loss", "gen_tokens", "chunk", "sync_len", "batch_tokens", "teacher", "epochs"}
     assert all(getattr(cfg, k) is None for k in auto)                     # automatic
     probe, raw = cfg.resolved(True), cfg.resolved(False)
-    assert [getattr(probe, k) for k in auto] == [ab.PROBE_LR, ab.PROBE_STEPS, ab.PROBE_LOSS, 0]
-    assert [getattr(raw, k) for k in auto] == [ab.RAW_TEXT_LR, ab.RAW_STEPS, ab.RAW_LOSS, ab.RAW_GEN_TOKENS]
-    explicit = AbsorbConfig(lr=5e-4, steps=3, loss="mse", gen_tokens=7)
+    assert [getattr(probe, k) for k in auto] == [ab.AUTOMATIC[k][0] for k in auto]
+    assert [getattr(raw, k) for k in auto] == [ab.AUTOMATIC[k][1] for k in auto]
+    assert (probe.lr, probe.steps, probe.loss, probe.gen_tokens) == (ab.PROBE_LR, ab.PROBE_STEPS, ab.PROBE_LOSS, 0)
+    assert (raw.chunk, raw.sync_len, raw.batch_tokens) == (ab.RAW_CHUNK, ab.RAW_SYNC_LEN, 0)
+    explicit = AbsorbConfig(lr=5e-4, steps=3, loss="mse", gen_tokens=7, chunk=64, sync_len=9, batch_tokens=0,
+                            teacher="updated", epochs=0.0)
     assert explicit.resolved(True) == explicit.resolved(False) == explicit    # explicit wins
     assert ab.uses_chat_probes(Chat(), AbsorbConfig(probes="recite"))
     assert not ab.uses_chat_probes(Chat(), AbsorbConfig(probes=""))      # no probes: raw-text Y only
@@ -257,3 +261,32 @@ def test_automatic_lr_and_gen_tokens_depend_on_what_y_is_made_of():
     with pytest.raises(ValueError, match="unknown probe"):
         ab.probe_kinds("recite,summary")
 
+
+
+def test_base_teacher_ignores_the_lora_learned_so_far(monkeypatch):
+    """teacher="base": the teacher's targets are the model without LoRA (the same as before any
+    window), "updated": the model with it (Algorithm 2); the LoRA is back in place after."""
+    from nanoabsorber.lora import lora_disabled, lora_modules
+
+    torch.manual_seed(0)
+    m = lora_model()
+    for mod in lora_modules(m):                           # a LoRA already learned
+        torch.nn.init.normal_(mod.lora_B, std=0.05)
+    group = [([3], ids(20, 7), [ids(9, 8)])]
+    with_lora = teacher_targets(m, group, True, False).hidden
+    with lora_disabled(m):
+        base = teacher_targets(m, group, True, False).hidden
+    assert not torch.allclose(with_lora, base)
+    torch.testing.assert_close(teacher_targets(m, group, True, False).hidden, with_lora)   # restored
+    seen = []
+    monkeypatch.setattr(ab, "teacher_targets", lambda model, groups, *a: seen.append(
+        teacher_targets(model, groups, True, False).hidden) or teacher_targets(model, groups, *a))
+    absorb_chunk(m, group, AbsorbConfig(steps=0, teacher="base", loss="l1"))
+    absorb_chunk(m, group, AbsorbConfig(steps=0, teacher="updated", loss="l1"))
+    torch.testing.assert_close(seen[0], base)
+    torch.testing.assert_close(seen[1], with_lora)
+    mods = lora_modules(m)
+    mods[0].merge()
+    with pytest.raises(ValueError, match="unmerge"):
+        with lora_disabled(m):
+            pass

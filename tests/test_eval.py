@@ -87,8 +87,8 @@ def _invalid_values(tmp_path) -> dict:
          "--chunk": ["0"], "--sync-len": ["-1"], "--gen-tokens": ["-1"], "--gen-temperature": ["0"],
          "--gen-top-p": ["2"], "--gen-samples": ["0"], "--gen-points": ["0"], "--sink-positions": ["-1"], "--probes": ["nonsense"], "--rank": ["0"], "--alpha": ["0"],
          "--targets": ["q,zz"], "--dropout": ["1.5"], "--seed": ["x"], "--long-lengths": ["0"],
-         "--long-styles": ["poems"], "--long-docs": ["0"], "--long-questions": ["x"],
-         "--checkpoint-activations": None}
+         "--long-styles": ["poems"], "--long-docs": ["0"], "--long-questions": ["x"], "--long-refs": ["oracle"],
+         "--checkpoint-activations": None, "--teacher": ["teachers"], "--epochs": ["-1"], "--replay": ["-2"]}
     return v
 
 
