@@ -111,16 +111,23 @@ class Progress:
 
     def __init__(self, total_tokens: int, steps: int, windows: int = 1, start: int = 0):
         self.total, self.steps, self.t0 = total_tokens, steps, time.time()
+        self.windows, self.start, self.planned = windows, start, {}   # window -> its planned steps
         self.todo, self.done_steps, self.last = (windows - start) * steps, 0, None
         self.tty = sys.stderr.isatty()
 
     def __call__(self, d: dict):
         self.done_steps += 1
+        if "of" in d and d["chunk"] not in self.planned:   # a window's steps are known once its Y is
+            self.planned[d["chunk"]] = d["of"]
+            per = sum(self.planned.values()) / len(self.planned)
+            self.todo = round(sum(self.planned.values()) + per * (self.windows - self.start - len(self.planned)))
+        self.steps = d.get("of", self.steps)
         elapsed = time.time() - self.t0
         eta = elapsed / self.done_steps * max(self.todo - self.done_steps, 0)
         if self.done_steps == 1:
             print(f"first step after {elapsed:.1f}s (teacher pass included): about {format_duration(elapsed * self.todo)} "
-                  f"for {self.todo} steps at most (early stops shorten it)", file=sys.stderr, flush=True)
+                  f"for {self.todo} steps{' (later windows estimated from this one)' if self.windows - self.start > 1 else ''}"
+                  f" at most (early stops shorten it)", file=sys.stderr, flush=True)
         width = 24
         frac = (d["chunk"] - 1 + d["step"] / max(self.steps, 1)) / d["chunks"]
         bar = "#" * int(frac * width) + "-" * (width - int(frac * width))
@@ -204,7 +211,10 @@ def absorb_resumable(model, tok, text: str, cfg: AbsorbConfig, opts: AbsorbScrip
               f"(pass --resume to continue it instead)", file=sys.stderr)
     say(f"plan: {len(wins)} window(s) of up to {cfg.chunk} tokens; Y per window: up to {cfg.sync_len} following "
         f"tokens{f', {cfg.gen_tokens} generated where the text runs out' if cfg.gen_tokens else ''}"
-        f"{f', chat probes ({cfg.probes})' if chat else ''}; lr {cfg.lr:g}, up to {cfg.steps} steps per window", master)
+        f"{f', chat probes ({cfg.probes})' if chat else ''}; lr {cfg.lr:g}, "
+        + (f"{cfg.epochs:g} passes over each window's Y at {cfg.batch_tokens} Y tokens per step, at most {cfg.steps} "
+           f"steps per window" if cfg.epochs > 0 and cfg.batch_tokens > 0 else f"up to {cfg.steps} steps per window"),
+        master)
 
     def save_state(ci, res):
         save_adapter(model, partial_path(out), **state_meta(sig, ci + 1, len(wins)))

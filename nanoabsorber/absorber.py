@@ -134,6 +134,11 @@ class AbsorbConfig:
                           "only the passages' text is kept", check=non_negative)
     checkpoint_activations: bool = setting(False, "recompute each block in the backward pass instead of keeping "
                                            "its activations (less memory, more time; same result)")
+    micro_tokens: int = setting(256, "padded tokens per forward/backward pass: each step's Y sequences run in "
+                                "length-sorted micro-batches of at most this many (a longer sequence alone), "
+                                "gradients accumulated, so activation memory follows this, not --batch-tokens "
+                                "(smaller: less memory, a little more time; the same gradient for l1, mse and kl, "
+                                "l1_norm and hybrid normalise per micro-batch)", check=positive)
 
     def __post_init__(self):
         validate(self)
@@ -201,6 +206,11 @@ def _pad(seqs: list[list[int]], pad: int, device) -> tuple[torch.Tensor, torch.T
 Group = tuple  # (prefix P, context X, [Y_1, Y_2, ...]) as token id lists
 
 
+class Replayed(tuple):
+    """A group (P, X, [Y_j]) absorbed again from an earlier window (cfg.replay): trained on like
+    any other, but not new, so it neither makes a window worth absorbing nor adds steps."""
+
+
 @torch.no_grad()
 def teacher_targets(model, groups: list, need_hidden: bool, need_final: bool) -> Targets:
     """One no-grad teacher pass over P·X·Y_j for every group and j; each group's P·X is prefilled
@@ -232,23 +242,38 @@ def teacher_targets(model, groups: list, need_hidden: bool, need_final: bool) ->
     return Targets(ids, mask, torch.cat(hid, 1) if need_hidden else None, torch.cat(fin, 0) if need_final else None)
 
 
-def sync_loss(model, t: Targets, cfg: AbsorbConfig) -> torch.Tensor:
-    """Student pass on P·Y_j and the configured distance to the teacher at the Y positions."""
+def _kept(t: Targets, sink_positions: int) -> torch.Tensor:
+    """(N,) bool: the Y positions the hidden-state losses count (not an attention sink; all of
+    them where nothing else is left)."""
+    keep = t.mask.nonzero()[:, 1] >= sink_positions
+    return keep if bool(keep.any()) else torch.ones_like(keep)
+
+
+def _teacher_magnitude(t: Targets, sink_positions: int) -> torch.Tensor:
+    """(L+1,) per layer: the sum of |teacher state| over the counted positions (l1_norm's denominator)."""
+    return t.hidden[:, _kept(t, sink_positions)].abs().sum((1, 2)).float()
+
+
+def sync_loss(model, t: Targets, cfg: AbsorbConfig, layer_scale: Optional[torch.Tensor] = None,
+              kl_scale: float = 1.0) -> torch.Tensor:
+    """Student pass on P·Y_j and the configured distance to the teacher at the Y positions.
+    layer_scale (optional (L+1,)) and kl_scale: constant factors of the per-layer hidden-state terms
+    and of the KL term (how _accumulate makes the losses of micro-batches sum to the whole batch's)."""
     cfg = cfg if cfg.loss else cfg.resolved(chat_probes=False)
     _, hs = model(t.ids, hidden=True, logits=False)
     loss = 0.0
     if cfg.loss in ("l1", "mse", "l1_norm", "hybrid"):
         kind = "l1_norm" if cfg.loss == "hybrid" else cfg.loss
-        keep = t.mask.nonzero()[:, 1] >= cfg.sink_positions                # (N,) not an attention sink
-        keep = keep if bool(keep.any()) else torch.ones_like(keep)
+        keep = _kept(t, cfg.sink_positions)                                 # (N,) not an attention sink
         # every kind is a mean over layers of a per-layer distance: summed layer by layer, so no
         # (L+1, N', D) stack of the student's states and the loss's temporaries ever exists at once
         loss = sum(hidden_sync_loss(h[t.mask][keep][None], t.hidden[li:li + 1, keep], kind)      # (1, N', D)
+                   * (1.0 if layer_scale is None else layer_scale[li])
                    for li, h in enumerate(hs)) / len(hs)
     if cfg.loss in ("kl", "hybrid"):
         s_final = model.norm(hs[-1][t.mask])                                # (N, D)
         kl = linear_kl_loss(s_final, model.output.weight, teacher_h=t.final, temperature=cfg.temperature)
-        loss = loss + (cfg.kl_weight if cfg.loss == "hybrid" else 1.0) * kl
+        loss = loss + (cfg.kl_weight if cfg.loss == "hybrid" else 1.0) * kl_scale * kl
     return loss
 
 
@@ -260,11 +285,12 @@ def ntp_loss(model, ids: torch.Tensor, n_prefix: int) -> torch.Tensor:
     return F.cross_entropy(logits[:, :-1].flatten(0, 1), tgt.flatten(), ignore_index=-100)
 
 
-def _accumulate(model, t: Targets, rows: list, cfg: AbsorbConfig, backward: bool, max_tokens: int = 1024) -> float:
-    """Loss over `rows` of the targets, as length-sorted micro-batches of at most max_tokens
+def _accumulate(model, t: Targets, rows: list, cfg: AbsorbConfig, backward: bool) -> float:
+    """Loss over `rows` of the targets, as length-sorted micro-batches of at most cfg.micro_tokens
     padded tokens (little padding waste, bounded activation memory); each micro-batch's loss is
-    weighted by its share of the Y tokens, so the sum is the loss over all rows (exactly for
-    l1/mse/kl; l1_norm normalises per micro-batch). Backward runs per micro-batch. Under a
+    weighted by its share of the Y tokens, and the per-layer normalised kinds (l1_norm, hybrid)
+    rescale each layer by the micro-batch's share of the teacher's magnitude, so the sum is the
+    loss over all rows, whatever the micro-batches. Backward runs per micro-batch. Under a
     process group (nanoabsorber.distributed) each rank takes its share of the rows, weighted by
     the whole step's tokens; the returned loss is summed over the ranks."""
     from . import distributed
@@ -279,22 +305,30 @@ def _accumulate(model, t: Targets, rows: list, cfg: AbsorbConfig, backward: bool
     order = sorted(distributed.shard(rows, lengths), key=lambda i: ends[i])   # this rank's share
     micro, cur = [], []
     for i in order:
-        if cur and (len(cur) + 1) * ends[i] > max_tokens:
+        if cur and (len(cur) + 1) * ends[i] > cfg.micro_tokens:
             micro.append(cur)
             cur = []
         cur.append(i)
     if cur:
         micro.append(cur)
+    normed = cfg.loss in ("l1_norm", "hybrid")
+    den = _teacher_magnitude(t.rows(rows), cfg.sink_positions) if normed else None   # (L+1,) the whole step's
     total = 0.0
     for mb in micro:
-        loss = sync_loss(model, t.rows(mb), cfg) * (sum(counted[i] for i in mb) / n_total)
+        share = sum(counted[i] for i in mb) / n_total
+        tm = t.rows(mb)
+        scale = _teacher_magnitude(tm, cfg.sink_positions).add(1e-6) / den.add(1e-6) / share if normed else None
+        # the hybrid's KL term averages over every Y position, sinks included: its own share
+        kl_share = sum(lengths[i] for i in mb) / sum(lengths[i] for i in rows) if cfg.loss == "hybrid" else share
+        loss = sync_loss(model, tm, cfg, scale, kl_share / share) * share
         if backward:
             loss.backward()
         total += float(loss.detach())
     return distributed.all_reduce_sum(total, _device(model))   # the step's loss, the same on every rank
 
 
-def absorb_chunk(model, groups: list, cfg: AbsorbConfig, log: Optional[Callable[[dict], None]] = None) -> ChunkResult:
+def absorb_chunk(model, groups: list, cfg: AbsorbConfig, log: Optional[Callable[[dict], None]] = None,
+                 new_y_tokens: Optional[int] = None) -> ChunkResult:
     """Algorithm 1 on one chunk. groups: [(P, X, [Y_1, ...]), ...] (usually one group; chat probes
     add a group with the chat prefix). The model must already carry LoRA (apply_lora). An automatic
     (None) lr is taken as raw-text Y's; absorb_stream / absorb_text resolve it knowing Y."""
@@ -339,7 +373,10 @@ def absorb_chunk(model, groups: list, cfg: AbsorbConfig, log: Optional[Callable[
 
     n_steps = cfg.steps
     if cfg.objective != "ntp" and cfg.epochs > 0 and cfg.batch_tokens > 0:   # as many steps as passes need
-        n_steps = min(cfg.steps, math.ceil(cfg.epochs * sum(sizes) / cfg.batch_tokens))
+        # over the window's new Y: replayed passages ride along in the batches but add no steps, or a
+        # window with little new text would spend many steps on a few old passages (and forget the rest)
+        new = sum(sizes) if new_y_tokens is None else new_y_tokens
+        n_steps = min(cfg.steps, math.ceil(cfg.epochs * new / cfg.batch_tokens))
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999))
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda i: 1.0 if cfg.schedule == "constant" else 0.5 * (1 + math.cos(math.pi * i / max(n_steps, 1))))
@@ -374,7 +411,7 @@ def absorb_chunk(model, groups: list, cfg: AbsorbConfig, log: Optional[Callable[
         sched.step()
         res.steps += 1
         if log:
-            log({"step": res.steps, "loss": lv, "elapsed": time.time() - t0})
+            log({"step": res.steps, "of": n_steps, "loss": lv, "elapsed": time.time() - t0})
     for m in model.modules():
         if hasattr(m, "lora_A"):
             m.eval()
@@ -475,9 +512,10 @@ def absorb_stream(model, stream: list[int], cfg: AbsorbConfig, prefix: list[int]
         groups = window_groups(model, list(prefix), x, real, cfg, stop_ids, seed=cfg.seed + ci)
         if extra_ys is not None:
             groups += list(extra_ys(ci, x))
-        if not groups and extra_ys is not None and cfg.objective != "ntp":
+        new = [g for g in groups if not isinstance(g, Replayed)]
+        if not new and extra_ys is not None and cfg.objective != "ntp":
             # passage probes only, and no passage starts in this window (its text is probed with the
-            # passage it continues): nothing to absorb here
+            # passage it continues; replayed passages alone are not a reason to train): nothing to absorb
             res = ChunkResult(0, math.nan, math.nan, stopped="nothing to absorb")
             results.append(res)
             absorbed += len(x)
@@ -489,7 +527,7 @@ def absorb_stream(model, stream: list[int], cfg: AbsorbConfig, prefix: list[int]
                 raise ValueError("nothing to synchronise on: no following text; set gen_tokens > 0")
             groups = [(list(prefix), x, [])]
         cb = (lambda d, ci=ci: log({**d, "chunk": ci + 1, "chunks": len(wins), "absorbed": absorbed})) if log else None
-        res = absorb_chunk(model, groups, cfg, cb)
+        res = absorb_chunk(model, groups, cfg, cb, new_y_tokens=sum(len(y) for _, _, ys in new for y in ys))
         res.y_tokens = sum(len(y) for _, _, ys in groups for y in ys)
         results.append(res)
         absorbed += len(x)
@@ -556,7 +594,7 @@ def absorb_text(model, tok, text: str, cfg: AbsorbConfig, log: Optional[Callable
         again = sorted(earlier[j] for j in torch.randperm(len(earlier), generator=g)[:cfg.replay].tolist())
         for i in mine + again:                                # the teacher sees the passage alone
             p, xc, ys, _ = chat_probe_ids(tok, spans[i][1], spans[i][2])
-            groups.append((p, xc, ys))
+            groups.append((p, xc, ys) if i in mine else Replayed((p, xc, ys)))
         return groups
 
     use = uses_chat_probes(tok, cfg)

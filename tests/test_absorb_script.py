@@ -178,3 +178,20 @@ def test_under_torchrun_the_corpus_is_shared_out(tmp_path, monkeypatch):
         monkeypatch.setenv("WORLD_SIZE", "2")
         shares.append([f.name for f in absorb.corpus_files(opts)])
     assert sorted(shares[0] + shares[1]) == [f"d{i}.txt" for i in range(5)] and not set(shares[0]) & set(shares[1])
+
+
+def test_progress_eta_counts_the_planned_steps_not_the_cap(capsys):
+    # with --epochs a window's steps are known only once its Y is: the ETA must use them, not --steps
+    sys.path.insert(0, str(ROOT))
+    import absorb
+
+    p = absorb.Progress(total_tokens=3000, steps=150, windows=3)
+    assert p.todo == 450                                      # before any window: the cap
+    p({"chunk": 1, "chunks": 3, "step": 1, "of": 20, "loss": 1.0, "absorbed": 0})
+    assert p.todo == 60                                       # 20 planned, 2 more windows estimated alike
+    for s in range(2, 21):
+        p({"chunk": 1, "chunks": 3, "step": s, "of": 20, "loss": 1.0, "absorbed": 0})
+    p({"chunk": 2, "chunks": 3, "step": 1, "of": 30, "loss": 1.0, "absorbed": 1000})
+    assert p.todo == 20 + 30 + 25
+    err = capsys.readouterr().err
+    assert "for 60 steps" in err and "step   1/30" in err

@@ -3,6 +3,7 @@ every objective runs through one loop, streaming memory is bounded by n + m, the
 sequence starts with the same prefix (BOS) as generation, non-finite losses keep the last good
 adapter."""
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -11,7 +12,7 @@ from hypothesis import strategies as st
 
 import nanoabsorber.absorber as ab
 from nanoabsorber.absorber import AbsorbConfig, absorb_chunk, absorb_stream, chunk_windows, teacher_targets
-from nanoabsorber.lora import lora_state_dict
+from nanoabsorber.lora import lora_parameters, lora_state_dict
 from tests.conftest import ids, lora_model
 
 @pytest.mark.parametrize("loss", ["l1", "mse", "l1_norm", "kl", "hybrid"])
@@ -108,8 +109,27 @@ def test_batch_tokens_subsets_and_micro_batches_give_the_full_loss():
         for k, v in lora_state_dict(m).items():
             v.add_(torch.randn_like(v) * 0.05)
         full = float(ab.sync_loss(m, t, cfg))
-        micro = ab._accumulate(m, t, list(range(5)), cfg, backward=False, max_tokens=40)
+        micro = ab._accumulate(m, t, list(range(5)), replace(cfg, micro_tokens=40), backward=False)
     assert micro == pytest.approx(full, rel=1e-5)
+
+
+@pytest.mark.parametrize("loss", ["l1", "kl", "l1_norm", "hybrid"])
+def test_micro_tokens_give_the_same_gradient(loss):
+    # the memory lever: smaller micro-batches, the same loss and LoRA gradient (summed exactly)
+    m = lora_model()
+    for v in lora_state_dict(m).values():
+        v.data.add_(torch.randn_like(v) * 0.05)
+    groups = [([], ids(30, 1), [ids(n, 10 + n) for n in (5, 17, 9, 30, 2)])]
+    t = teacher_targets(m, groups, loss != "kl", loss in ("kl", "hybrid"))
+    out = []
+    for mt in (4096, 31, 1):     # one pass, several, one sequence per pass
+        m.zero_grad(set_to_none=True)
+        lv = ab._accumulate(m, t, list(range(5)), AbsorbConfig(loss=loss, micro_tokens=mt), backward=True)
+        out.append((lv, [p.grad.clone() for p in lora_parameters(m)]))
+    for lv, grads in out[1:]:
+        assert lv == pytest.approx(out[0][0], rel=1e-5)
+        for g, g0 in zip(grads, out[0][1]):
+            torch.testing.assert_close(g, g0, rtol=1e-4, atol=1e-6)
 
 
 @settings(max_examples=30, deadline=None)
@@ -185,9 +205,9 @@ def test_non_finite_loss_keeps_last_good_adapter(monkeypatch):
     calls = {"n": 0}
     real = ab.sync_loss
 
-    def flaky(model, t, cfg):
+    def flaky(model, t, cfg, *scales):
         calls["n"] += 1
-        out = real(model, t, cfg)
+        out = real(model, t, cfg, *scales)
         return out * float("nan") if calls["n"] == 4 else out
 
     monkeypatch.setattr(ab, "sync_loss", flaky)
@@ -290,3 +310,21 @@ def test_base_teacher_ignores_the_lora_learned_so_far(monkeypatch):
     with pytest.raises(ValueError, match="unmerge"):
         with lora_disabled(m):
             pass
+
+
+def test_replay_only_windows_are_skipped_and_replay_adds_no_steps():
+    # a window whose groups are all replayed passages is not trained (it would spend its steps on
+    # a few old passages and forget the rest); elsewhere epochs count the new Y tokens only
+    m = lora_model()
+    new, old = ([], ids(20, 1), [ids(40, 2)]), ab.Replayed(([], ids(20, 3), [ids(200, 4)]))
+    calls = []
+    stream = ids(64, 5)
+
+    def extra(ci, x):
+        return [new, old] if ci == 0 else [old]
+    cfg = AbsorbConfig(loss="l1", chunk=32, sync_len=0, gen_tokens=0, steps=50, epochs=2, batch_tokens=40,
+                       lr=1e-3, probes="about")
+    res = absorb_stream(m, stream, cfg, extra_ys=extra, log=calls.append)
+    assert [r.stopped for r in res] == ["max steps", "nothing to absorb"]
+    assert res[0].steps == 2            # 2 passes over the 40 new Y tokens at 40 per step (not over 240)
+    assert res[0].y_tokens == 240 and res[1].steps == 0

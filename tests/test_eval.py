@@ -88,7 +88,8 @@ def _invalid_values(tmp_path) -> dict:
          "--gen-top-p": ["2"], "--gen-samples": ["0"], "--gen-points": ["0"], "--sink-positions": ["-1"], "--probes": ["nonsense"], "--rank": ["0"], "--alpha": ["0"],
          "--targets": ["q,zz"], "--dropout": ["1.5"], "--seed": ["x"], "--long-lengths": ["0"],
          "--long-styles": ["poems"], "--long-docs": ["0"], "--long-questions": ["x"], "--long-refs": ["oracle"],
-         "--checkpoint-activations": None, "--teacher": ["teachers"], "--epochs": ["-1"], "--replay": ["-2"]}
+         "--checkpoint-activations": None, "--teacher": ["teachers"], "--epochs": ["-1"], "--replay": ["-2"],
+         "--micro-tokens": ["0"]}
     return v
 
 
@@ -150,7 +151,7 @@ def test_lm_summary_by_hand():
 def test_absorb_dropped_never_trains_on_the_evaluated_text(monkeypatch):
     import nanoabsorber.absorber as ab
     seen = []
-    monkeypatch.setattr(ab, "absorb_chunk", lambda model, groups, cfg, log=None: seen.append(groups) or ab.ChunkResult(
+    monkeypatch.setattr(ab, "absorb_chunk", lambda model, groups, cfg, log=None, **kw: seen.append(groups) or ab.ChunkResult(
         1, 0.0, 0.0))
     monkeypatch.setattr(ab, "sample_continuations", lambda model, ctx, n, per, *a, **k: [[7] * per] * n)
     ids = list(range(100, 120))                       # 20 tokens; the window keeps the last 5

@@ -116,3 +116,5 @@ def test_passage_probes_teacher_sees_only_their_passage(monkeypatch):
     xs = [[g[1] for g in win] for win in seen[0]]
     first, second = (tok.encode(p + "\n\n") for p in text.split("\n\n"))
     assert xs[:2] == [[first], [second, first]] and len(xs[2]) == 1 and xs[2][0] in (first, second)
+    replayed = [[isinstance(g, ab.Replayed) for g in win] for win in seen[0]]
+    assert replayed == [[False], [False, True], [True]]     # the last window holds replay only
