@@ -137,8 +137,8 @@ class AbsorbConfig:
     micro_tokens: int = setting(256, "padded tokens per forward/backward pass: each step's Y sequences run in "
                                 "length-sorted micro-batches of at most this many (a longer sequence alone), "
                                 "gradients accumulated, so activation memory follows this, not --batch-tokens "
-                                "(smaller: less memory, a little more time; the same gradient for l1, mse and kl, "
-                                "l1_norm and hybrid normalise per micro-batch)", check=positive)
+                                "(smaller: less memory, a little more time; the same gradient for every loss: "
+                                "l1_norm and hybrid are normalised over the whole step)", check=positive)
 
     def __post_init__(self):
         validate(self)

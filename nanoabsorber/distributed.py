@@ -10,8 +10,8 @@ hooks that are no-ops in a single process:
 
 The loss of a step is a token-weighted mean over all its Y sequences, and every rank weights its
 own micro-batches by their share of the *whole* step's tokens, so the summed gradient is the
-one-process gradient (exactly for l1 / mse / kl, up to float summation order; l1_norm and hybrid
-normalise per micro-batch, as a single process does with its own micro-batches). Every rank
+one-process gradient, up to float summation order (l1_norm and hybrid are normalised over the
+whole step's rows, which every rank holds: absorber._accumulate). Every rank
 computes the teacher targets of the window itself (one no-grad pass per window, not per step)
 and takes the same decisions (subset, early stop) from the all-reduced loss. `single_process()`
 turns the hooks off for work only rank 0 does (e.g. an evaluation after absorbing).
