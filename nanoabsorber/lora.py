@@ -67,7 +67,7 @@ class LoRALinear(nn.Linear):
         new.weight = w
         new.bias = lin.bias
         # LoRA is kept in fp32 whatever the base dtype (bf16/fp16 base weights, fp32 adapter and
-        # optimizer state): the update is computed in fp32 and cast to the base's dtype
+        # optimizer state): master weights in fp32, the product computed in the base dtype (forward)
         lora_dtype = torch.float32 if w.dtype in (torch.bfloat16, torch.float16) else w.dtype
         new.lora_A = nn.Parameter(torch.empty(rank, lin.in_features, device=w.device, dtype=lora_dtype))
         new.lora_B = nn.Parameter(torch.empty(lin.out_features, rank, device=w.device, dtype=lora_dtype))
@@ -89,9 +89,12 @@ class LoRALinear(nn.Linear):
         if self.merged:
             return y
         x = self.dropout(x)
-        if x.dtype != self.lora_A.dtype:  # bf16/fp16 base, fp32 LoRA
-            return y + ((x.to(self.lora_A.dtype) @ self.lora_A.T @ self.lora_B.T) * self.scale).to(y.dtype)
-        return y + (x @ self.lora_A.T @ self.lora_B.T) * self.scale
+        A, B = self.lora_A, self.lora_B
+        if x.dtype != A.dtype:  # bf16/fp16 base, fp32 LoRA: the product in the base dtype (as autocast does),
+            # the weights cast for it; gradients flow back to the fp32 master weights through the casts,
+            # and backward keeps the input the base matmul keeps anyway, not an fp32 copy of it
+            A, B = A.to(x.dtype), B.to(x.dtype)
+        return y + (x @ A.T @ B.T) * self.scale
 
     @torch.no_grad()
     def merge(self):

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 from nanoabsorber import distributed
 from nanoabsorber.absorber import AbsorbConfig, absorb_chunk
-from nanoabsorber.lora import LoRAConfig, apply_lora, lora_parameters, lora_state_dict
+from nanoabsorber.lora import LoRAConfig, LoRALinear, apply_lora, lora_parameters, lora_state_dict
 from tests.conftest import ROOT, ids, tiny
 from tests.conftest import write_tiny_checkpoint
 
@@ -191,3 +191,35 @@ def test_bf16_base_keeps_fp32_lora_and_absorbs():
     with torch.no_grad():
         lb, lf = m(idx).float(), ref(idx)
     assert (lb - lf).abs().max() < 0.05 * lf.abs().max()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_lora_keeps_no_fp32_activations_and_the_fp32_gradient(dtype):
+    """bf16/fp16 base: the LoRA product runs in the base dtype, so backward keeps no fp32 tensor of
+    activation size (only the fp32 master weights, cast), and the gradients reaching the fp32
+    weights are the fp32 computation's to the base dtype's precision."""
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(48, 40)
+    ref = LoRALinear.from_linear(lin, rank=4, alpha=8)
+    with torch.no_grad():
+        ref.lora_B.normal_(0, 0.1)
+    low = LoRALinear.from_linear(torch.nn.Linear(48, 40).to(dtype), rank=4, alpha=8)
+    with torch.no_grad():
+        low.weight.copy_(lin.weight)
+        low.bias.copy_(lin.bias)
+        low.lora_A.copy_(ref.lora_A)
+        low.lora_B.copy_(ref.lora_B)
+    assert low.lora_A.dtype == torch.float32
+    x = torch.randn(3, 17, 48)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append((t.dtype, t.numel())) or t, lambda t: t):
+        y = low(x.to(dtype))
+    big_fp32 = [n for d, n in saved if d == torch.float32 and n >= 3 * 17]
+    assert big_fp32 == [], big_fp32                          # no fp32 copy of the input or the rank product
+    assert y.dtype == dtype
+    y.float().square().sum().backward()
+    ref(x).square().sum().backward()
+    for p_low, p_ref in ((low.lora_A, ref.lora_A), (low.lora_B, ref.lora_B)):
+        assert p_low.grad.dtype == torch.float32
+        err = (p_low.grad - p_ref.grad).abs().max() / p_ref.grad.abs().max()
+        assert err < 0.03, err                                # bf16 carries 8 significant bits
