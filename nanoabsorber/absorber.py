@@ -164,6 +164,25 @@ class Targets:
     mask: torch.Tensor                   # (B, T) bool: True at Y positions (loss positions)
     hidden: Optional[torch.Tensor]       # (L+1, N, D) teacher hidden states at the N masked positions
     final: Optional[torch.Tensor]        # (N, D) teacher post-norm final hidden at those positions
+    _magnitudes: dict = field(default_factory=dict, repr=False, compare=False)   # sink_positions -> per row
+
+    def magnitude(self, r: list, sink_positions: int) -> torch.Tensor:
+        """(L+1,) per layer: the sum of |teacher state| over the counted positions of rows r (the
+        positions past the sink, or all of them where no row of r has any): l1_norm's denominator.
+        Per-row sums are computed once per Targets, one layer at a time, so no rows are copied."""
+        if sink_positions not in self._magnitudes:
+            pos = self.mask.nonzero()                                          # (N, 2) row, column
+            keep = pos[:, 1] >= sink_positions
+            B, L1 = self.mask.shape[0], self.hidden.shape[0]
+            kept, every = torch.zeros(B, L1, device=pos.device), torch.zeros(B, L1, device=pos.device)
+            for li in range(L1):
+                a = self.hidden[li].abs().sum(-1, dtype=torch.float32)            # (N,)
+                every[:, li].index_add_(0, pos[:, 0], a)
+                kept[:, li].index_add_(0, pos[keep, 0], a[keep])
+            n_kept = torch.zeros(B, device=pos.device).index_add_(0, pos[:, 0], keep.float())
+            self._magnitudes[sink_positions] = (kept, every, n_kept)
+        kept, every, n_kept = self._magnitudes[sink_positions]
+        return (kept if bool(n_kept[r].sum() > 0) else every)[r].sum(0)
 
     def rows(self, r: list) -> "Targets":
         """The targets of a subset of rows (Y sequences), in that order."""
@@ -249,11 +268,6 @@ def _kept(t: Targets, sink_positions: int) -> torch.Tensor:
     return keep if bool(keep.any()) else torch.ones_like(keep)
 
 
-def _teacher_magnitude(t: Targets, sink_positions: int) -> torch.Tensor:
-    """(L+1,) per layer: the sum of |teacher state| over the counted positions (l1_norm's denominator)."""
-    return t.hidden[:, _kept(t, sink_positions)].abs().sum((1, 2)).float()
-
-
 def sync_loss(model, t: Targets, cfg: AbsorbConfig, layer_scale: Optional[torch.Tensor] = None,
               kl_scale: float = 1.0) -> torch.Tensor:
     """Student pass on P·Y_j and the configured distance to the teacher at the Y positions.
@@ -312,12 +326,12 @@ def _accumulate(model, t: Targets, rows: list, cfg: AbsorbConfig, backward: bool
     if cur:
         micro.append(cur)
     normed = cfg.loss in ("l1_norm", "hybrid")
-    den = _teacher_magnitude(t.rows(rows), cfg.sink_positions) if normed else None   # (L+1,) the whole step's
+    den = t.magnitude(rows, cfg.sink_positions) if normed else None            # (L+1,) the whole step's
     total = 0.0
     for mb in micro:
         share = sum(counted[i] for i in mb) / n_total
         tm = t.rows(mb)
-        scale = _teacher_magnitude(tm, cfg.sink_positions).add(1e-6) / den.add(1e-6) / share if normed else None
+        scale = t.magnitude(mb, cfg.sink_positions).add(1e-6) / den.add(1e-6) / share if normed else None
         # the hybrid's KL term averages over every Y position, sinks included: its own share
         kl_share = sum(lengths[i] for i in mb) / sum(lengths[i] for i in rows) if cfg.loss == "hybrid" else share
         loss = sync_loss(model, tm, cfg, scale, kl_share / share) * share

@@ -113,6 +113,24 @@ def test_batch_tokens_subsets_and_micro_batches_give_the_full_loss():
     assert micro == pytest.approx(full, rel=1e-5)
 
 
+_MAG_MODEL = {}
+
+
+@settings(max_examples=25, deadline=None)
+@given(rows=st.lists(st.integers(0, 4), min_size=1, max_size=5, unique=True), sink=st.integers(0, 3))
+def test_teacher_magnitude_of_any_rows_is_the_sum_over_their_counted_positions(rows, sink):
+    # l1_norm's denominator from per-row sums (no copy of the rows' states) equals the direct sum
+    # over the rows' copied states, the sink positions left out unless nothing else is left
+    if not _MAG_MODEL:
+        m = lora_model()
+        groups = [([], ids(12, 1), [ids(n, 10 + n) for n in (1, 7, 2, 9, 1)])]
+        _MAG_MODEL["t"] = teacher_targets(m, groups, True, False)
+    t = _MAG_MODEL["t"]
+    sub = t.rows(rows)
+    direct = sub.hidden[:, ab._kept(sub, sink)].abs().sum((1, 2))
+    torch.testing.assert_close(t.magnitude(rows, sink), direct, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("loss", ["l1", "kl", "l1_norm", "hybrid"])
 def test_micro_tokens_give_the_same_gradient(loss):
     # the memory lever: smaller micro-batches, the same loss and LoRA gradient (summed exactly)
