@@ -172,7 +172,7 @@ class Targets:
         Per-row sums are computed once per Targets, one layer at a time, so no rows are copied."""
         if sink_positions not in self._magnitudes:
             pos = self.mask.nonzero()                                          # (N, 2) row, column
-            keep = pos[:, 1] >= sink_positions
+            keep = _past_sink(self, sink_positions)
             B, L1 = self.mask.shape[0], self.hidden.shape[0]
             kept, every = torch.zeros(B, L1, device=pos.device), torch.zeros(B, L1, device=pos.device)
             for li in range(L1):
@@ -261,10 +261,15 @@ def teacher_targets(model, groups: list, need_hidden: bool, need_final: bool) ->
     return Targets(ids, mask, torch.cat(hid, 1) if need_hidden else None, torch.cat(fin, 0) if need_final else None)
 
 
+def _past_sink(t: Targets, sink_positions: int) -> torch.Tensor:
+    """(N,) bool: the Y positions past a sequence's first sink_positions (not an attention sink)."""
+    return t.mask.nonzero()[:, 1] >= sink_positions
+
+
 def _kept(t: Targets, sink_positions: int) -> torch.Tensor:
-    """(N,) bool: the Y positions the hidden-state losses count (not an attention sink; all of
-    them where nothing else is left)."""
-    keep = t.mask.nonzero()[:, 1] >= sink_positions
+    """(N,) bool: the Y positions the hidden-state losses count (past the sink; all of them where
+    nothing else is left; Targets.magnitude applies the same rule to any subset of rows)."""
+    keep = _past_sink(t, sink_positions)
     return keep if bool(keep.any()) else torch.ones_like(keep)
 
 
