@@ -447,10 +447,13 @@ def absorb_item(model, tok, item: dict, mcfg: AbsorbConfig, cfg: EvalConfig, tag
 
     def on_window(ci, _res):
         t = time.time()
-        for qi, q in enumerate(qs):
-            if q.get("window") == ci:
-                fresh[qi] = answer_scored(model, tok, q, None, cfg.answer_tokens)
+        mine = [qi for qi, q in enumerate(qs) if q.get("window") == ci]
+        for qi in mine:
+            fresh[qi] = answer_scored(model, tok, qs[qi], None, cfg.answer_tokens)
         answering[0] += time.time() - t
+        if mine:   # in the log as it happens: a run stopped early still shows what each window held
+            say(f"{tag} window {ci + 1}: right after it {sum(fresh[qi].get('lenient', 0) for qi in mine):.0f}/"
+                f"{len(mine)} correct ({t - t0:.0f}s)")
     t0 = time.time()
     with PeakMemory(str(model.embed.weight.device)) as mem:
         res = absorb_text(model, tok, item["context"], mcfg, log=step_logger(tag, resolve_config(tok, mcfg).steps),

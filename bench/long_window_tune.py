@@ -38,6 +38,7 @@ p.add_argument("--style", default="catalogue", choices=("catalogue", "prose"))
 p.add_argument("--prompt", action="store_true", help="also answer with the window in the prompt")
 p.add_argument("--verbose", action="store_true")
 p.add_argument("--threads", type=int, default=1)
+p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
 p.add_argument("--log", default="runs/long_window_tune.jsonl")
 add_flags(p, AbsorbConfig)
 args = p.parse_args()
@@ -45,7 +46,7 @@ cfg = build(p, AbsorbConfig, args)
 torch.set_num_threads(args.threads)
 torch.manual_seed(0)
 
-model, tok = load()
+model, tok = load(device=args.device)
 doc = make_long_doc(args.doc_seed, args.tokens * 2, lambda t: len(tok.encode(t)), args.style)
 ids = tok.encode(doc.text)
 window = tok.decode(ids[:args.tokens])
@@ -64,7 +65,8 @@ def ask(doc_text=None):
             for f in qs]
 
 
-row = {"seed": args.doc_seed, "tokens": args.tokens, "style": args.style, "cfg": asdict(cfg), "n": len(qs)}
+row = {"seed": args.doc_seed, "tokens": args.tokens, "style": args.style, "cfg": asdict(cfg), "n": len(qs),
+       "device": args.device}
 if args.prompt:
     ref = ask(window)
     row["prompt_recall"] = mean(r["lenient"] for r in ref)

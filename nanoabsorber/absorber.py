@@ -173,12 +173,13 @@ class Targets:
         if sink_positions not in self._magnitudes:
             pos = self.mask.nonzero()                                          # (N, 2) row, column
             keep = _past_sink(self, sink_positions)
+            k = keep.nonzero().squeeze(1)                                      # found once, not per layer
             B, L1 = self.mask.shape[0], self.hidden.shape[0]
             kept, every = torch.zeros(B, L1, device=pos.device), torch.zeros(B, L1, device=pos.device)
             for li in range(L1):
                 a = self.hidden[li].abs().sum(-1, dtype=torch.float32)            # (N,)
                 every[:, li].index_add_(0, pos[:, 0], a)
-                kept[:, li].index_add_(0, pos[keep, 0], a[keep])
+                kept[:, li].index_add_(0, pos[k, 0], a[k])
             n_kept = torch.zeros(B, device=pos.device).index_add_(0, pos[:, 0], keep.float())
             self._magnitudes[sink_positions] = (kept, every, n_kept)
         kept, every, n_kept = self._magnitudes[sink_positions]
@@ -280,17 +281,20 @@ def sync_loss(model, t: Targets, cfg: AbsorbConfig, layer_scale: Optional[torch.
     and of the KL term (how _accumulate makes the losses of micro-batches sum to the whole batch's)."""
     cfg = cfg if cfg.loss else cfg.resolved(chat_probes=False)
     _, hs = model(t.ids, hidden=True, logits=False)
+    flat = t.mask.flatten().nonzero().squeeze(1)                            # (N,) Y positions in (B*T)
     loss = 0.0
     if cfg.loss in ("l1", "mse", "l1_norm", "hybrid"):
         kind = "l1_norm" if cfg.loss == "hybrid" else cfg.loss
-        keep = _kept(t, cfg.sink_positions)                                 # (N,) not an attention sink
+        kept = _kept(t, cfg.sink_positions).nonzero().squeeze(1)            # (N',) not an attention sink
         # every kind is a mean over layers of a per-layer distance: summed layer by layer, so no
-        # (L+1, N', D) stack of the student's states and the loss's temporaries ever exists at once
-        loss = sum(hidden_sync_loss(h[t.mask][keep][None], t.hidden[li:li + 1, keep], kind)      # (1, N', D)
+        # (L+1, N', D) stack of the student's states and the loss's temporaries ever exists at once;
+        # index_select with indices found once, not a boolean mask per layer (a host sync each on CUDA)
+        loss = sum(hidden_sync_loss(h.flatten(0, 1).index_select(0, flat[kept])[None],       # (1, N', D)
+                                    t.hidden[li:li + 1].index_select(1, kept), kind)
                    * (1.0 if layer_scale is None else layer_scale[li])
                    for li, h in enumerate(hs)) / len(hs)
     if cfg.loss in ("kl", "hybrid"):
-        s_final = model.norm(hs[-1][t.mask])                                # (N, D)
+        s_final = model.norm(hs[-1].flatten(0, 1).index_select(0, flat))   # (N, D) = hs[-1][t.mask]
         kl = linear_kl_loss(s_final, model.output.weight, teacher_h=t.final, temperature=cfg.temperature)
         loss = loss + (cfg.kl_weight if cfg.loss == "hybrid" else 1.0) * kl_scale * kl
     return loss
@@ -316,7 +320,8 @@ def _accumulate(model, t: Targets, rows: list, cfg: AbsorbConfig, backward: bool
 
     cfg = cfg if cfg.loss else cfg.resolved(chat_probes=False)
     lengths = t.mask.sum(1).tolist()
-    ends = [int(t.mask[i].nonzero().max()) + 1 for i in range(len(lengths))]
+    # each row's last Y position + 1, in one host sync (a per-row .nonzero() is a sync per row on CUDA)
+    ends = (t.mask * torch.arange(1, t.mask.shape[1] + 1, device=t.mask.device)).amax(1).tolist()
     # the tokens each row's loss averages over: the hidden-state losses leave out the sink positions
     counted = lengths if cfg.loss == "kl" else t.mask[:, cfg.sink_positions:].sum(1).tolist()
     counted = counted if sum(counted[i] for i in rows) else lengths

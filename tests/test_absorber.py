@@ -113,6 +113,42 @@ def test_batch_tokens_subsets_and_micro_batches_give_the_full_loss():
     assert micro == pytest.approx(full, rel=1e-5)
 
 
+def _host_syncs(fn) -> int:
+    """How many ops in fn() wait for a data-dependent result on the host (on CUDA each is a device
+    sync): nonzero, .item()/bool()/int(), masked_select, boolean-mask indexing."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            bool_index = func is torch.ops.aten.index.Tensor and any(
+                i is not None and i.dtype == torch.bool for i in args[1])
+            if bool_index or func in (torch.ops.aten.nonzero.default, torch.ops.aten._local_scalar_dense.default,
+                                      torch.ops.aten.masked_select.default):
+                Count.n += 1
+            return func(*args, **(kwargs or {}))
+
+    with Count():
+        fn()
+    return Count.n
+
+
+@pytest.mark.parametrize("loss", ["l1", "hybrid"])
+def test_a_step_waits_on_the_device_a_fixed_number_of_times(loss):
+    # a step's host syncs must not grow with the Y sequences (a per-row .nonzero() did) or the layers
+    # (a boolean mask per layer did): on a GPU each one stalls the launch queue
+    counts = {}
+    for layers in (2, 5):
+        m = lora_model(layers=layers)
+        for n_rows in (3, 12):
+            groups = [([], ids(20, 1), [ids(4 + k % 5, 10 + k) for k in range(n_rows)])]
+            t = teacher_targets(m, groups, True, loss == "hybrid")
+            cfg = AbsorbConfig(loss=loss, micro_tokens=4096)
+            counts[layers, n_rows] = _host_syncs(lambda: ab._accumulate(m, t, list(range(n_rows)), cfg, True))
+    assert len(set(counts.values())) == 1, counts
+
+
 _MAG_MODEL = {}
 
 
