@@ -26,6 +26,7 @@ sys.path.insert(0, str(ROOT))
 
 from nanoabsorber import load  # noqa: E402
 from nanoabsorber.absorber import AbsorbConfig, absorb_text, resolve_config  # noqa: E402
+from nanoabsorber.cli import RunConfig, setup  # noqa: E402
 from nanoabsorber.benchdocs import make_long_doc  # noqa: E402
 from nanoabsorber.config import Parser, add_flags, build  # noqa: E402
 from nanoabsorber.metrics import mean, qa_scores  # noqa: E402
@@ -37,16 +38,15 @@ p.add_argument("--tokens", type=int, default=512, help="tokens of the window")
 p.add_argument("--style", default="catalogue", choices=("catalogue", "prose"))
 p.add_argument("--prompt", action="store_true", help="also answer with the window in the prompt")
 p.add_argument("--verbose", action="store_true")
-p.add_argument("--threads", type=int, default=1)
-p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
 p.add_argument("--log", default="runs/long_window_tune.jsonl")
-add_flags(p, AbsorbConfig)
+add_flags(p, RunConfig, title="model")
+add_flags(p, AbsorbConfig, title="recipe")
 args = p.parse_args()
-cfg = build(p, AbsorbConfig, args)
-torch.set_num_threads(args.threads)
+run_cfg, cfg = build(p, RunConfig, args), build(p, AbsorbConfig, args)
+setup(run_cfg)
 torch.manual_seed(0)
 
-model, tok = load(device=args.device)
+model, tok = load(run_cfg.ckpt, device=run_cfg.device, dtype=run_cfg.dtype)
 doc = make_long_doc(args.doc_seed, args.tokens * 2, lambda t: len(tok.encode(t)), args.style)
 ids = tok.encode(doc.text)
 window = tok.decode(ids[:args.tokens])
@@ -66,7 +66,7 @@ def ask(doc_text=None):
 
 
 row = {"seed": args.doc_seed, "tokens": args.tokens, "style": args.style, "cfg": asdict(cfg), "n": len(qs),
-       "device": args.device}
+       "run": asdict(run_cfg)}
 if args.prompt:
     ref = ask(window)
     row["prompt_recall"] = mean(r["lenient"] for r in ref)

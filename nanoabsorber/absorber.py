@@ -286,10 +286,11 @@ def sync_loss(model, t: Targets, cfg: AbsorbConfig, layer_scale: Optional[torch.
     if cfg.loss in ("l1", "mse", "l1_norm", "hybrid"):
         kind = "l1_norm" if cfg.loss == "hybrid" else cfg.loss
         kept = _kept(t, cfg.sink_positions).nonzero().squeeze(1)            # (N',) not an attention sink
+        at = flat[kept]                                                     # (N',) their places in (B*T)
         # every kind is a mean over layers of a per-layer distance: summed layer by layer, so no
         # (L+1, N', D) stack of the student's states and the loss's temporaries ever exists at once;
         # index_select with indices found once, not a boolean mask per layer (a host sync each on CUDA)
-        loss = sum(hidden_sync_loss(h.flatten(0, 1).index_select(0, flat[kept])[None],       # (1, N', D)
+        loss = sum(hidden_sync_loss(h.flatten(0, 1).index_select(0, at)[None],                # (1, N', D)
                                     t.hidden[li:li + 1].index_select(1, kept), kind)
                    * (1.0 if layer_scale is None else layer_scale[li])
                    for li, h in enumerate(hs)) / len(hs)
