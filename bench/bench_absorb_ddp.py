@@ -43,7 +43,7 @@ def worker(args) -> None:
         W.emit({"world": procs.world, "threads": args.threads, "steps": res.steps, "seconds": total,
                 "step_times": st, "s_per_step": W.median(st), "first_loss": res.first_loss,
                 "final_loss": res.final_loss})
-    distributed.stop_processes()
+    distributed.stop_processes(wait=True)
 
 
 def free_port() -> int:

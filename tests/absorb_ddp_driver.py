@@ -51,7 +51,7 @@ def main():
         from safetensors.torch import save_file
 
         save_file({f"g{i}": g for i, g in enumerate(grads)}, f"{out}.grad0.safetensors")
-    distributed.stop_processes()
+    distributed.stop_processes(wait=True)
 
 
 if __name__ == "__main__":
