@@ -132,6 +132,10 @@ class AbsorbConfig:
     replay: int = setting(8, "passage probes: passages of earlier windows absorbed again in each window (a random "
                           "sample of this many, their targets recomputed by the teacher), against forgetting; "
                           "only the passages' text is kept", check=non_negative)
+    replay_share: float = setting(0.0, "with replayed passages in a window: the share of each step's Y tokens drawn "
+                                  "from them (the rest from the window's new Y), so --replay can cover every "
+                                  "earlier passage at a fixed cost (0 = rows drawn alike, whatever their share)",
+                                  check=in_range(0.0, 0.9))
     checkpoint_activations: bool = setting(False, "recompute each block in the backward pass instead of keeping "
                                            "its activations (less memory, more time; same result)")
     micro_tokens: int = setting(256, "padded tokens per forward/backward pass: each step's Y sequences run in "
@@ -384,16 +388,27 @@ def absorb_chunk(model, groups: list, cfg: AbsorbConfig, log: Optional[Callable[
             targets = teacher_targets(model, groups, need_hidden, cfg.loss in ("kl", "hybrid"))
         sizes = targets.mask.sum(1).tolist()
         rng = torch.Generator().manual_seed(cfg.seed)
+        # rows come in the groups' order (teacher_targets skips empty Y): which of them are replayed
+        replayed = [isinstance(g, Replayed) for g in groups for y in g[2] if len(y) > 0]
+        pools = [[i for i, r in enumerate(replayed) if not r], [i for i, r in enumerate(replayed) if r]]
+        split = cfg.replay_share > 0 and all(pools)
+        assert len(replayed) == len(sizes)
+
+        def draw(pool: list, budget: float) -> list:        # random rows of pool up to budget Y tokens
+            rows, total = [], 0
+            for j in torch.randperm(len(pool), generator=rng).tolist():
+                rows.append(pool[j])
+                total += sizes[pool[j]]
+                if total >= budget:
+                    break
+            return rows
 
         def run_step(backward: bool, final: bool = False) -> float:
             rows = list(range(len(sizes)))
             if cfg.batch_tokens > 0 and sum(sizes) > cfg.batch_tokens and not final:
-                rows, total = [], 0
-                for i in torch.randperm(len(sizes), generator=rng).tolist():
-                    rows.append(i)
-                    total += sizes[i]
-                    if total >= cfg.batch_tokens:
-                        break
+                rows = (sorted(draw(pools[0], (1 - cfg.replay_share) * cfg.batch_tokens)
+                               + draw(pools[1], cfg.replay_share * cfg.batch_tokens)) if split
+                        else draw(list(range(len(sizes))), cfg.batch_tokens))
             return _accumulate(model, targets, rows, cfg, backward)
 
     n_steps = cfg.steps

@@ -382,3 +382,26 @@ def test_replay_only_windows_are_skipped_and_replay_adds_no_steps():
     assert [r.stopped for r in res] == ["max steps", "nothing to absorb"]
     assert res[0].steps == 2            # 2 passes over the 40 new Y tokens at 40 per step (not over 240)
     assert res[0].y_tokens == 240 and res[1].steps == 0
+
+
+@pytest.mark.parametrize("share", [0.25, 0.5])
+def test_replay_share_draws_each_step_from_both_pools(monkeypatch, share):
+    # with --replay-share s every step takes about s of its Y tokens from the replayed rows (however
+    # many there are) and the rest from the new ones; s = 0 keeps the old draw over all rows alike
+    m = lora_model()
+    new = [([], ids(8, k), [ids(10, 10 + k)]) for k in range(6)]                   # 6 new rows of 10
+    old = [ab.Replayed(([], ids(8, 20 + k), [ids(10, 40 + k)])) for k in range(30)]  # 30 replayed rows
+    steps = []
+    real = ab._accumulate
+    monkeypatch.setattr(ab, "_accumulate", lambda model, t, rows, cfg, backward:
+                        (steps.append(list(rows)) if backward else None) or real(model, t, rows, cfg, backward))
+    cfg = AbsorbConfig(loss="l1", steps=6, batch_tokens=40, lr=1e-3, replay_share=share, chunk=8, sync_len=0,
+                       gen_tokens=0)
+    absorb_chunk(m, new + old, cfg)
+    assert len(steps) == 6
+    for rows in steps:
+        n_old = sum(r >= 6 for r in rows)
+        assert n_old == math.ceil(share * 40 / 10) and len(rows) - n_old == math.ceil((1 - share) * 40 / 10)
+    steps.clear()
+    absorb_chunk(m, new + old, replace(cfg, replay_share=0.0))
+    assert sum(r >= 6 for rows in steps for r in rows) > 0.6 * sum(map(len, steps))   # drawn alike: mostly old

@@ -89,6 +89,7 @@ def _invalid_values(tmp_path) -> dict:
          "--targets": ["q,zz"], "--dropout": ["1.5"], "--seed": ["x"], "--long-lengths": ["0"],
          "--long-styles": ["poems"], "--long-docs": ["0"], "--long-questions": ["x"], "--long-refs": ["oracle"],
          "--checkpoint-activations": None, "--teacher": ["teachers"], "--epochs": ["-1"], "--replay": ["-2"],
+         "--replay-share": ["0.95"],
          "--micro-tokens": ["0"]}
     return v
 
