@@ -266,15 +266,17 @@ def teacher_targets(model, groups: list, need_hidden: bool, need_final: bool) ->
     return Targets(ids, mask, torch.cat(hid, 1) if need_hidden else None, torch.cat(fin, 0) if need_final else None)
 
 
-def _past_sink(t: Targets, sink_positions: int) -> torch.Tensor:
-    """(N,) bool: the Y positions past a sequence's first sink_positions (not an attention sink)."""
-    return t.mask.nonzero()[:, 1] >= sink_positions
+def _past_sink(t: Targets, sink_positions: int, flat: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """(N,) bool: the Y positions past a sequence's first sink_positions (not an attention sink).
+    flat: the Y positions' places in (B*T) where the caller has found them already."""
+    cols = t.mask.nonzero()[:, 1] if flat is None else flat % t.mask.shape[1]
+    return cols >= sink_positions
 
 
-def _kept(t: Targets, sink_positions: int) -> torch.Tensor:
+def _kept(t: Targets, sink_positions: int, flat: Optional[torch.Tensor] = None) -> torch.Tensor:
     """(N,) bool: the Y positions the hidden-state losses count (past the sink; all of them where
     nothing else is left; Targets.magnitude applies the same rule to any subset of rows)."""
-    keep = _past_sink(t, sink_positions)
+    keep = _past_sink(t, sink_positions, flat)
     return keep if bool(keep.any()) else torch.ones_like(keep)
 
 
@@ -289,7 +291,7 @@ def sync_loss(model, t: Targets, cfg: AbsorbConfig, layer_scale: Optional[torch.
     loss = 0.0
     if cfg.loss in ("l1", "mse", "l1_norm", "hybrid"):
         kind = "l1_norm" if cfg.loss == "hybrid" else cfg.loss
-        kept = _kept(t, cfg.sink_positions).nonzero().squeeze(1)            # (N',) not an attention sink
+        kept = _kept(t, cfg.sink_positions, flat).nonzero().squeeze(1)      # (N',) not an attention sink
         at = flat[kept]                                                     # (N',) their places in (B*T)
         # every kind is a mean over layers of a per-layer distance: summed layer by layer, so no
         # (L+1, N', D) stack of the student's states and the loss's temporaries ever exists at once;
