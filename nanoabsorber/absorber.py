@@ -129,10 +129,10 @@ class AbsorbConfig:
                                      f"whose teacher context is their own passage, and it does not pass a drifting "
                                      f"adapter's mistakes on) (automatic: {PROBE_TEACHER} with chat probes, "
                                      f"{RAW_TEACHER} for raw-text Y)", choices=("updated", "base"))
-    replay: int = setting(8, "passage probes: passages of earlier windows absorbed again in each window (a random "
-                          "sample of this many, their targets recomputed by the teacher), against forgetting; "
-                          "only the passages' text is kept", check=non_negative)
-    replay_share: float = setting(0.0, "with replayed passages in a window: the share of each step's Y tokens drawn "
+    replay: int = setting(64, "passage probes: passages of earlier windows absorbed again in each window (all of "
+                          "them, or a random sample of this many; their targets recomputed by the teacher), "
+                          "against forgetting; only the passages' text is kept", check=non_negative)
+    replay_share: float = setting(0.33, "with replayed passages in a window: the share of each step's Y tokens drawn "
                                   "from them (the rest from the window's new Y), so --replay can cover every "
                                   "earlier passage at a fixed cost (0 = rows drawn alike, whatever their share)",
                                   check=in_range(0.0, 0.9))
