@@ -20,9 +20,10 @@ groups, n = defaultdict(dict), 0
 try:
     for n, line in enumerate(open(args.log), 1):
         row = json.loads(line)
+        missing = [k for k in ("seed", "cfg", "recall", "n", "by_window", "seconds", "tokens") if k not in row]
+        if missing:
+            raise KeyError(", ".join(missing))
         groups[tuple(row["cfg"].get(k) for k in keys)][row["seed"]] = row
-        for k in ("recall", "n", "by_window", "seconds", "tokens"):
-            row[k]                                             # noqa: B018 (a KeyError names the field)
 except (OSError, ValueError, KeyError, TypeError) as e:
     p.error(f"{args.log}: {f'line {n}: ' if n else ''}not a long_window_tune log ({e!r})")
 base = None

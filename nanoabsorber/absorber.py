@@ -392,9 +392,9 @@ def absorb_chunk(model, groups: list, cfg: AbsorbConfig, log: Optional[Callable[
         rng = torch.Generator().manual_seed(cfg.seed)
         # rows come in the groups' order (teacher_targets skips empty Y): which of them are replayed
         replayed = [isinstance(g, Replayed) for g in groups for y in g[2] if len(y) > 0]
+        assert len(replayed) == len(sizes)
         pools = [[i for i, r in enumerate(replayed) if not r], [i for i, r in enumerate(replayed) if r]]
         split = cfg.replay_share > 0 and all(pools)
-        assert len(replayed) == len(sizes)
 
         def draw(pool: list, budget: float) -> list:        # random rows of pool up to budget Y tokens
             rows, total = [], 0
