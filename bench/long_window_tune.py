@@ -81,6 +81,7 @@ for f, r in zip(qs, got):
     if args.verbose:
         print(f"  {r['lenient']:.0f} {f.question} [{f.answers[0]}] -> {r['prediction']!r}")
 row["recall"], row["sentence"] = mean(r["lenient"] for r in got), mean(r["sentence"] for r in got)
+row["scores"] = [r["lenient"] for r in got]        # per question, in a fixed order: paired comparisons
 row["final_loss"] = res[-1].final_loss
 row["by_window"] = {w: mean(r["lenient"] for r, qw in zip(got, q_win) if qw == w) for w in sorted(set(q_win))}
 if len(row["by_window"]) > 1:

@@ -4,8 +4,9 @@
 
 Groups the JSON lines by the given cfg fields; per group: recall per document, its mean over the
 documents, mean recall by the window an entry starts in, seconds per 1k tokens. Against the first
-group: the difference of the means with a 95% interval from the documents' binomial variances
-(independent proportions; the questions are the same, so this is conservative)."""
+group: the difference of the means with a 95% interval, paired over the same questions where both
+logs hold per-question scores ("scores", written since 2026-12-01), else from the documents'
+binomial variances (independent proportions; the questions are the same, so this is conservative)."""
 import argparse
 import json
 import math
@@ -26,6 +27,24 @@ try:
         groups[tuple(row["cfg"].get(k) for k in keys)][row["seed"]] = row
 except (OSError, ValueError, KeyError, TypeError) as e:
     p.error(f"{args.log}: {f'line {n}: ' if n else ''}not a long_window_tune log ({e!r})")
+
+
+def paired(a: dict, b: dict):
+    """(mean difference b - a, its variance) over the documents both ran, from per-question score
+    differences; None where a document lacks scores or its questions differ."""
+    docs = sorted(set(a) & set(b))
+    if not docs or any(len(a[s].get("scores", [])) != len(b[s].get("scores", [])) or not a[s].get("scores")
+                       for s in docs):
+        return None
+    means, var = [], 0.0
+    for s in docs:
+        d = [y - x for x, y in zip(a[s]["scores"], b[s]["scores"])]
+        mu = sum(d) / len(d)
+        means.append(mu)
+        var += sum((v - mu) ** 2 for v in d) / max(len(d) - 1, 1) / len(d)
+    return sum(means) / len(docs), var / len(docs) ** 2
+
+
 base = None
 for name, docs in groups.items():
     rows = [docs[s] for s in sorted(docs)]
@@ -38,8 +57,11 @@ for name, docs in groups.items():
     per_doc = " / ".join(f"doc {s} {docs[s]['recall']:.3f}" for s in sorted(docs))
     line = f"{recipe}: recall {m:.3f} ({per_doc}), by window {by_w}, {cost:.0f} s / 1k tokens"
     if base is None:
-        base = (m, var)
+        base = (m, var, docs)
+    elif (pd := paired(base[2], docs)) is not None:
+        d, half = pd[0], 1.96 * math.sqrt(pd[1])
+        line += f"; vs the first (paired by question): {d:+.3f} [{d - half:+.3f}, {d + half:+.3f}]"
     else:
         d, half = m - base[0], 1.96 * math.sqrt(var + base[1])
-        line += f"; vs the first: {d:+.3f} [{d - half:+.3f}, {d + half:+.3f}]"
+        line += f"; vs the first (unpaired): {d:+.3f} [{d - half:+.3f}, {d + half:+.3f}]"
     print(line)

@@ -168,6 +168,7 @@ class Targets:
     mask: torch.Tensor                   # (B, T) bool: True at Y positions (loss positions)
     hidden: Optional[torch.Tensor]       # (L+1, N, D) teacher hidden states at the N masked positions
     final: Optional[torch.Tensor]        # (N, D) teacher post-norm final hidden at those positions
+    replayed: list = field(default_factory=list)   # (B,) per row: from a Replayed group (earlier window)
     _magnitudes: dict = field(default_factory=dict, repr=False, compare=False)   # sink_positions -> per row
 
     def magnitude(self, r: list, sink_positions: int) -> torch.Tensor:
@@ -199,7 +200,8 @@ class Targets:
         ids, mask = self.ids[r], self.mask[r]
         T = int(mask.nonzero()[:, 1].max()) + 1 if mask.any() else ids.shape[1]
         return Targets(ids[:, :T], mask[:, :T], None if self.hidden is None else self.hidden[:, cols],
-                       None if self.final is None else self.final[cols])
+                       None if self.final is None else self.final[cols],
+                       [self.replayed[i] for i in r] if self.replayed else [])
 
 
 @dataclass
@@ -240,8 +242,9 @@ def teacher_targets(model, groups: list, need_hidden: bool, need_final: bool) ->
     """One no-grad teacher pass over P·X·Y_j for every group and j; each group's P·X is prefilled
     into a KV cache once and every Y_j of the group runs on top of it."""
     dev = _device(model)
-    seqs, hid, fin, n_prefix = [], [], [], []
-    for prefix, x, ys in groups:
+    seqs, hid, fin, n_prefix, replayed = [], [], [], [], []
+    for group in groups:
+        prefix, x, ys = group
         ys = [list(y) for y in ys if len(y) > 0]
         if not ys:
             continue
@@ -258,12 +261,14 @@ def teacher_targets(model, groups: list, need_hidden: bool, need_final: bool) ->
                 fin.append(model.norm(hs[-1][0]))                               # (len(y), D)
             seqs.append(list(prefix) + y)
             n_prefix.append(len(prefix))
+            replayed.append(isinstance(group, Replayed))
     if not seqs:
         raise ValueError("no Y tokens to synchronise on")
     ids, mask = _pad(seqs, 0, dev)
     for i, npf in enumerate(n_prefix):
         mask[i, :npf] = False
-    return Targets(ids, mask, torch.cat(hid, 1) if need_hidden else None, torch.cat(fin, 0) if need_final else None)
+    return Targets(ids, mask, torch.cat(hid, 1) if need_hidden else None, torch.cat(fin, 0) if need_final else None,
+                   replayed)
 
 
 def _past_sink(t: Targets, sink_positions: int, flat: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -390,10 +395,7 @@ def absorb_chunk(model, groups: list, cfg: AbsorbConfig, log: Optional[Callable[
             targets = teacher_targets(model, groups, need_hidden, cfg.loss in ("kl", "hybrid"))
         sizes = targets.mask.sum(1).tolist()
         rng = torch.Generator().manual_seed(cfg.seed)
-        # rows come in the groups' order (teacher_targets skips empty Y): which of them are replayed
-        replayed = [isinstance(g, Replayed) for g in groups for y in g[2] if len(y) > 0]
-        assert len(replayed) == len(sizes)
-        pools = [[i for i, r in enumerate(replayed) if not r], [i for i, r in enumerate(replayed) if r]]
+        pools = [[i for i, r in enumerate(targets.replayed) if not r], [i for i, r in enumerate(targets.replayed) if r]]
         split = cfg.replay_share > 0 and all(pools)
 
         def draw(pool: list, budget: float) -> list:        # random rows of pool up to budget Y tokens

@@ -384,6 +384,18 @@ def test_replay_only_windows_are_skipped_and_replay_adds_no_steps():
     assert res[0].y_tokens == 240 and res[1].steps == 0
 
 
+def test_teacher_targets_mark_replayed_rows():
+    # the replay split reads a per-row flag carried by the targets (groups with empty Y add no rows),
+    # and a subset of rows keeps its flags
+    m = lora_model()
+    groups = [([], ids(8, 1), [ids(5, 2), []]), ab.Replayed(([], ids(8, 3), [[], ids(6, 4), ids(7, 5)])),
+              ([], ids(8, 6), [ids(4, 7)])]
+    t = ab.teacher_targets(m, groups, need_hidden=True, need_final=False)
+    assert t.replayed == [False, True, True, False]
+    assert t.mask.sum(1).tolist() == [5, 6, 7, 4]
+    assert t.rows([3, 1]).replayed == [False, True]
+
+
 @pytest.mark.parametrize("share", [0.25, 0.5])
 def test_replay_share_draws_each_step_from_both_pools(monkeypatch, share):
     # with --replay-share s every step takes about s of its Y tokens from the replayed rows (however

@@ -392,3 +392,30 @@ def test_continuation_frontier_pairs_segments_across_runs(tmp_path, capsys):
     (tmp_path / "junk.json").write_text("{}")
     assert cf.main([str(tmp_path / "junk.json")]) == 2
     assert "not the results.json of an eval.py --only lm run" in capsys.readouterr().err
+
+
+def test_tune_compare_pairs_by_question_where_it_can(tmp_path):
+    """bench/tune_compare.py: the difference against the first recipe with a paired interval where
+    both logs hold per-question scores (checked by hand), the unpaired one where not, and a log
+    that is not one refused in one line."""
+    def row(replay, seed, scores):
+        return {"seed": seed, "cfg": {"replay": replay, "replay_share": 0.0}, "recall": sum(scores) / len(scores),
+                "n": len(scores), "by_window": {"0": 0.5}, "seconds": 10.0, "tokens": 1000, "scores": scores}
+    log = tmp_path / "tune.jsonl"
+
+    def compare(rows):
+        log.write_text("".join(r if isinstance(r, str) else json.dumps(r) + "\n" for r in rows))
+        return subprocess.run([sys.executable, str(ROOT / "bench" / "tune_compare.py"), str(log)],
+                              capture_output=True, text=True)
+    rows = [row(8, s, [1, 0, 0, 1]) for s in (100, 101)] + [row(64, s, [1, 1, 0, 1]) for s in (100, 101)]
+    out = compare(rows)
+    # per document: differences (0, 1, 0, 0), mean 0.25, sample variance 0.25, / 4 questions; two documents
+    half = 1.96 * math.sqrt(2 * 0.25 / 4 / 4)
+    assert out.returncode == 0 and f"(paired by question): +0.250 [{0.25 - half:+.3f}, {0.25 + half:+.3f}]" in out.stdout
+    for r in rows[2:]:
+        del r["scores"]
+    out = compare(rows)                                           # no scores: binomial variances, unpaired
+    half = 1.96 * math.sqrt(2 * 0.25 / 4 / 4 + 2 * 0.1875 / 4 / 4)
+    assert f"(unpaired): +0.250 [{0.25 - half:+.3f}, {0.25 + half:+.3f}]" in out.stdout
+    out = compare(['{"seed": 1}\n'])
+    assert out.returncode == 2 and "not a long_window_tune log" in out.stderr and "Traceback" not in out.stderr
