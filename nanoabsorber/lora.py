@@ -78,7 +78,12 @@ class LoRALinear(nn.Linear):
         """A kaiming-uniform (as nn.Linear does), B zero: the update starts at exactly 0."""
         if self.lora_A.device.type == "meta":
             return
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        # drawn on the CPU (its generator, seeded by torch.manual_seed) and copied: the same seed gives
+        # the same A on every device, so an adapter absorbed on a GPU starts where a CPU run does
+        a = torch.empty(self.lora_A.shape, dtype=self.lora_A.dtype)
+        nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+        with torch.no_grad():
+            self.lora_A.copy_(a)
         nn.init.zeros_(self.lora_B)
 
     def delta_weight(self) -> torch.Tensor:

@@ -34,6 +34,20 @@ def test_lora_at_init_equals_base_exactly(rank, alpha, targets, seed):
     assert torch.equal(before, after)
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a GPU"))])
+def test_lora_init_is_the_same_on_every_device(device):
+    # A is drawn from the CPU generator whatever the device: one seed, one starting adapter
+    def init(dev):
+        torch.manual_seed(7)
+        m = tiny(seed=0).to(dev)
+        apply_lora(m, "all", 4, 8.0)
+        return {k: v.cpu() for k, v in m.state_dict().items() if "lora_" in k}
+    ref, got = init("cpu"), init(device)
+    assert ref.keys() == got.keys() and all(torch.equal(ref[k], got[k]) for k in ref)
+    assert any(v.abs().sum() > 0 for k, v in ref.items() if "lora_A" in k)
+
+
 @settings(max_examples=10, deadline=None)
 @given(rank=st.integers(1, 8), seed=st.integers(0, 1000))
 def test_merge_then_unmerge_is_identity(rank, seed):
