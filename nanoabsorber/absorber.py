@@ -35,8 +35,6 @@ import torch.nn.functional as F
 from .config import in_range, non_negative, positive, setting, validate
 from .losses import hidden_sync_loss, linear_kl_loss
 from .lora import LoRAConfig, lora_disabled, lora_parameters, lora_state_dict
-from .attention import say_once
-from .model import SharedPrefix
 from .sampling import sample_next
 
 # Two recipes, chosen by what Y is made of (AbsorbConfig.resolved fills the automatic settings).
@@ -287,41 +285,18 @@ def _kept(t: Targets, sink_positions: int, flat: Optional[torch.Tensor] = None) 
     return keep if bool(keep.any()) else torch.ones_like(keep)
 
 
-def shared_prefix(model, t: Targets, rows: Optional[list] = None) -> int:
-    """How many leading columns every row of t (or of its rows `rows`) shares (the same tokens, no Y
-    position among them): the student pass runs them once (model.SharedPrefix). 0 for one row, or
-    with activation checkpointing (which a cached pass does not use)."""
-    ids, mask = (t.ids, t.mask) if rows is None else (t.ids[rows], t.mask[rows])
-    if ids.shape[0] < 2 or getattr(model, "grad_checkpointing", False):
-        return 0
-    same = (ids == ids[:1]).all(0) & ~mask.any(0)                           # (T,)
-    c = int(same.int().cumprod(0).sum())
-    if c:
-        say_once("student pass: a prefix shared by every row runs once per micro-batch")
-    return c
-
-
 def sync_loss(model, t: Targets, cfg: AbsorbConfig, layer_scale: Optional[torch.Tensor] = None,
               kl_scale: float = 1.0) -> torch.Tensor:
     """Student pass on P·Y_j and the configured distance to the teacher at the Y positions.
     layer_scale (optional (L+1,)) and kl_scale: constant factors of the per-layer hidden-state terms
     and of the KL term (how _accumulate makes the losses of micro-batches sum to the whole batch's)."""
     cfg = cfg if cfg.loss else cfg.resolved(chat_probes=False)
-    c = shared_prefix(model, t)
-    if c:   # the prefix every row starts with (the chat template's system prompt) runs once
-        cache = SharedPrefix(model.cfg.max_seq_len)
-        model(t.ids[:1, :c], cache=cache, logits=False)
-        _, hs = model(t.ids[:, c:], cache=cache, hidden=True, logits=False)  # each (B, T - c, D)
-    else:
-        _, hs = model(t.ids, hidden=True, logits=False)                      # each (B, T, D)
-    mask = t.mask[:, c:]
-    flat = mask.flatten().nonzero().squeeze(1)                              # (N,) Y positions in hs' (B*T')
-    # the same positions in t.mask's (B*T) (no Y position lies in the shared prefix)
-    at_full = flat + (flat // mask.shape[1] + 1) * c
+    _, hs = model(t.ids, hidden=True, logits=False)
+    flat = t.mask.flatten().nonzero().squeeze(1)                            # (N,) Y positions in (B*T)
     loss = 0.0
     if cfg.loss in ("l1", "mse", "l1_norm", "hybrid"):
         kind = "l1_norm" if cfg.loss == "hybrid" else cfg.loss
-        kept = _kept(t, cfg.sink_positions, at_full).nonzero().squeeze(1)   # (N',) not an attention sink
+        kept = _kept(t, cfg.sink_positions, flat).nonzero().squeeze(1)      # (N',) not an attention sink
         at = flat[kept]                                                     # (N',) their places in (B*T)
         # every kind is a mean over layers of a per-layer distance: summed layer by layer, so no
         # (L+1, N', D) stack of the student's states and the loss's temporaries ever exists at once;
@@ -347,8 +322,7 @@ def ntp_loss(model, ids: torch.Tensor, n_prefix: int) -> torch.Tensor:
 
 def _accumulate(model, t: Targets, rows: list, cfg: AbsorbConfig, backward: bool) -> float:
     """Loss over `rows` of the targets, as length-sorted micro-batches of at most cfg.micro_tokens
-    padded tokens, a prefix shared by all rows counted once (little padding waste, bounded
-    activation memory); each micro-batch's loss is
+    padded tokens (little padding waste, bounded activation memory); each micro-batch's loss is
     weighted by its share of the Y tokens, and the per-layer normalised kinds (l1_norm, hybrid)
     rescale each layer by the micro-batch's share of the teacher's magnitude, so the sum is the
     loss over all rows, whatever the micro-batches. Backward runs per micro-batch. Under a
@@ -365,10 +339,9 @@ def _accumulate(model, t: Targets, rows: list, cfg: AbsorbConfig, backward: bool
     counted = counted if sum(counted[i] for i in rows) else lengths
     n_total = sum(counted[i] for i in rows)            # the whole step's loss tokens, on every rank
     order = sorted(distributed.shard(rows, lengths), key=lambda i: ends[i])   # this rank's share
-    c = shared_prefix(model, t, order)        # run once per micro-batch: counted once in its tokens
     micro, cur = [], []
     for i in order:
-        if cur and (len(cur) + 1) * (ends[i] - c) + c > cfg.micro_tokens:
+        if cur and (len(cur) + 1) * ends[i] > cfg.micro_tokens:
             micro.append(cur)
             cur = []
         cur.append(i)

@@ -167,28 +167,6 @@ class KVCache:
         return 2 * self.k.numel() * self.k.element_size()
 
 
-class SharedPrefix:
-    """The keys/values of one prefix that every row of a batch starts with, kept in the autograd
-    graph: a training pass runs the prefix once (batch 1) and every row's tokens attend over it, so
-    B rows cost one prefix, not B, and gradients through the prefix's states sum over the rows.
-    Pass it as `cache` twice: first with the prefix (1, P), then with the rows' tokens (B, T)."""
-
-    def __init__(self, max_len: int):
-        self.k, self.v = [], []      # per layer (1, Hkv, P, D), with their graph
-        self.pos = 0
-        self.max_len = max_len
-
-    def update(self, layer: int, k, v):
-        if len(self.k) == layer:                                  # the prefix pass: keep them
-            self.k.append(k)
-            self.v.append(v)
-            return k, v
-        B = k.shape[0]
-        pk, pv = self.k[layer], self.v[layer]
-        return (torch.cat([pk.expand(B, -1, -1, -1), k], 2),    # (B, Hkv, P + T, D)
-                torch.cat([pv.expand(B, -1, -1, -1), v], 2))
-
-
 class Attention(nn.Module):
     def __init__(self, cfg: LlamaConfig):
         super().__init__()
@@ -320,4 +298,4 @@ class Llama(nn.Module):
         return n
 
 
-__all__ = ["LlamaConfig", "Llama", "KVCache", "SharedPrefix", "RMSNorm", "rope_inv_freq", "rotate_half", "asdict"]
+__all__ = ["LlamaConfig", "Llama", "KVCache", "RMSNorm", "rope_inv_freq", "rotate_half", "asdict"]

@@ -186,44 +186,6 @@ def test_micro_tokens_give_the_same_gradient(loss):
             torch.testing.assert_close(g, g0, rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize("loss", ["l1", "kl", "hybrid"])
-@pytest.mark.parametrize("sink", [0, 1])
-def test_a_shared_prefix_runs_once_with_the_same_loss_and_gradient(monkeypatch, loss, sink):
-    # rows that start with the same prefix (the chat template's system prompt): the student runs it
-    # once per micro-batch (model.SharedPrefix); loss and every LoRA gradient as with it in every row
-    m = lora_model()
-    for v in lora_state_dict(m).values():
-        v.data.add_(torch.randn_like(v) * 0.05)
-    p = ids(7, 99)
-    groups = [(p, ids(12, 1), [ids(n, 10 + n) for n in (5, 11, 3)]), (p, ids(9, 2), [ids(8, 40), ids(1, 41)])]
-    t = teacher_targets(m, groups, loss != "kl", loss in ("kl", "hybrid"))
-    assert ab.shared_prefix(m, t) == 7 and ab.shared_prefix(m, t.rows([2])) == 0
-    cfg = AbsorbConfig(loss=loss, sink_positions=sink, micro_tokens=40)     # several micro-batches
-    out = []
-    for share in (True, False):
-        if not share:
-            monkeypatch.setattr(ab, "shared_prefix", lambda model, t, rows=None: 0)
-        m.zero_grad(set_to_none=True)
-        lv = ab._accumulate(m, t, list(range(5)), cfg, backward=True)
-        out.append((lv, [q.grad.clone() for q in lora_parameters(m)]))
-    assert out[0][0] == pytest.approx(out[1][0], rel=1e-5)
-    for g, g0 in zip(out[0][1], out[1][1]):
-        torch.testing.assert_close(g, g0, rtol=1e-4, atol=1e-6)
-
-
-def test_shared_prefix_stops_at_the_first_difference_or_y_position():
-    m = lora_model()
-    a, b = ids(6, 1), ids(6, 2)
-    t = teacher_targets(m, [(a[:3] + b[:2], ids(4, 3), [ids(5, 4)]), (a[:3] + a[3:5], ids(4, 5), [ids(5, 6)])],
-                        True, False)
-    assert ab.shared_prefix(m, t) == 3                    # the prefixes part after 3 tokens
-    t = teacher_targets(m, [([], ids(4, 3), [a[:2] + b[:3]]), ([], ids(4, 5), [a[:2] + a[2:5]])], True, False)
-    assert ab.shared_prefix(m, t) == 0                    # shared tokens, but Y tokens: not a prefix
-    m.grad_checkpointing = True
-    t = teacher_targets(m, [(a, ids(4, 3), [ids(5, 4)]), (a, ids(4, 5), [ids(5, 6)])], True, False)
-    assert ab.shared_prefix(m, t) == 0                    # checkpointed passes keep no cache
-
-
 @settings(max_examples=30, deadline=None)
 @given(n_tokens=st.integers(1, 5000), n=st.integers(1, 700), m=st.integers(0, 700))
 def test_chunk_windows_partition_the_stream(n_tokens, n, m):
