@@ -190,6 +190,19 @@ class Targets:
         kept, every, n_kept = self._magnitudes[sink_positions]
         return (kept if bool(n_kept[r].sum() > 0) else every)[r].sum(0)
 
+    def cat(self, other: "Targets") -> "Targets":
+        """These rows, then other's (right-padded to one width)."""
+        T = max(self.ids.shape[1], other.ids.shape[1])
+
+        def pad(x):
+            out = torch.zeros((x.shape[0], T), dtype=x.dtype, device=x.device)
+            out[:, :x.shape[1]] = x
+            return out
+        return Targets(torch.cat([pad(self.ids), pad(other.ids)]), torch.cat([pad(self.mask), pad(other.mask)]),
+                       None if self.hidden is None else torch.cat([self.hidden, other.hidden], 1),
+                       None if self.final is None else torch.cat([self.final, other.final]),
+                       self.replayed + other.replayed)
+
     def rows(self, r: list) -> "Targets":
         """The targets of a subset of rows (Y sequences), in that order."""
         counts = self.mask.sum(1).tolist()
@@ -230,6 +243,9 @@ def _pad(seqs: list[list[int]], pad: int, device) -> tuple[torch.Tensor, torch.T
 
 
 Group = tuple  # (prefix P, context X, [Y_1, Y_2, ...]) as token id lists
+
+
+LAZY_REPLAY = True   # False: replayed passages' targets kept for the whole window (the tests' reference)
 
 
 class Replayed(tuple):
@@ -390,13 +406,39 @@ def absorb_chunk(model, groups: list, cfg: AbsorbConfig, log: Optional[Callable[
                 loss.backward()
             return distributed.all_reduce_sum(float(loss.detach()), _device(model))
     else:
-        need_hidden = cfg.loss != "kl"
-        with lora_disabled(model) if cfg.teacher == "base" else contextlib.nullcontext():
-            targets = teacher_targets(model, groups, need_hidden, cfg.loss in ("kl", "hybrid"))
-        sizes = targets.mask.sum(1).tolist()
+        def teach(gs: list) -> Targets:
+            with lora_disabled(model) if cfg.teacher == "base" else contextlib.nullcontext():
+                return teacher_targets(model, gs, cfg.loss != "kl", cfg.loss in ("kl", "hybrid"))
+
+        # with the base teacher a replayed passage's targets do not change within the window: they are
+        # computed for the rows a step draws instead of kept for all of them, so memory follows the
+        # step, not the number of earlier passages (the same numbers: each group is taught alone)
+        new_groups = [g for g in groups if not isinstance(g, Replayed)]
+        old = [(gi, j) for gi, g in enumerate(groups) if isinstance(g, Replayed) for j, y in enumerate(g[2]) if len(y)]
+        lazy = (LAZY_REPLAY and cfg.teacher == "base" and cfg.replay_share > 0 and cfg.batch_tokens > 0 and bool(old)
+                and any(len(y) for g in new_groups for y in g[2]))
+        targets = teach(new_groups if lazy else groups)
+        n_kept = targets.ids.shape[0]                       # rows whose targets are kept: 0 .. n_kept - 1
+        sizes = targets.mask.sum(1).tolist() + ([len(groups[gi][2][j]) for gi, j in old] if lazy else [])
+        replayed = targets.replayed + ([True] * len(old) if lazy else [])
         rng = torch.Generator().manual_seed(cfg.seed)
-        pools = [[i for i, r in enumerate(targets.replayed) if not r], [i for i, r in enumerate(targets.replayed) if r]]
+        pools = [[i for i, r in enumerate(replayed) if not r], [i for i, r in enumerate(replayed) if r]]
         split = cfg.replay_share > 0 and all(pools)
+
+        def step_targets(rows: list) -> tuple:
+            """(targets, their rows) for rows of the window: the kept ones, and with lazy replay the
+            drawn replayed rows taught now (their groups' P·X prefilled once each)."""
+            if not lazy:
+                return targets, rows
+            kept, drawn = [r for r in rows if r < n_kept], [old[r - n_kept] for r in rows if r >= n_kept]
+            t = targets.rows(kept)
+            if drawn:
+                by_group = {}
+                for gi, j in drawn:
+                    by_group.setdefault(gi, []).append(j)
+                t = t.cat(teach([(groups[gi][0], groups[gi][1], [groups[gi][2][j] for j in js])
+                                 for gi, js in by_group.items()]))
+            return t, list(range(t.ids.shape[0]))
 
         def draw(pool: list, budget: float) -> list:        # random rows of pool up to budget Y tokens
             rows, total = [], 0
@@ -408,12 +450,13 @@ def absorb_chunk(model, groups: list, cfg: AbsorbConfig, log: Optional[Callable[
             return rows
 
         def run_step(backward: bool, final: bool = False) -> float:
-            rows = list(range(len(sizes)))
+            # the final loss is over every row, or with lazy replay over the kept (new) rows only
+            rows = list(range(n_kept if lazy and final else len(sizes)))
             if cfg.batch_tokens > 0 and sum(sizes) > cfg.batch_tokens and not final:
                 rows = (sorted(draw(pools[0], (1 - cfg.replay_share) * cfg.batch_tokens)
                                + draw(pools[1], cfg.replay_share * cfg.batch_tokens)) if split
                         else draw(list(range(len(sizes))), cfg.batch_tokens))
-            return _accumulate(model, targets, rows, cfg, backward)
+            return _accumulate(model, *step_targets(rows), cfg, backward)
 
     n_steps = cfg.steps
     if cfg.objective != "ntp" and cfg.epochs > 0 and cfg.batch_tokens > 0:   # as many steps as passes need

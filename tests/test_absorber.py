@@ -396,6 +396,30 @@ def test_teacher_targets_mark_replayed_rows():
     assert t.rows([3, 1]).replayed == [False, True]
 
 
+@pytest.mark.parametrize("loss", ["hybrid", "l1"])
+def test_lazy_replay_targets_train_the_same_adapter(monkeypatch, loss):
+    # with the base teacher the replayed passages' targets are taught when a step draws them, not
+    # kept for the window: the same steps, losses and adapter as keeping them all (the final loss
+    # is then over the new rows only)
+    new = [([1, 2], ids(8, k), [ids(10 + k, 10 + k), ids(6, 30 + k)]) for k in range(3)]
+    old = [ab.Replayed(([1, 2], ids(8, 20 + k), [ids(9, 40 + k), [], ids(12, 60 + k)])) for k in range(6)]
+    cfg = AbsorbConfig(loss=loss, steps=4, batch_tokens=48, lr=1e-2, replay_share=0.4, chunk=8, sync_len=0,
+                       gen_tokens=0, teacher="base", micro_tokens=40)
+    out, real = {}, ab.teacher_targets
+    for lazy in (True, False):
+        monkeypatch.setattr(ab, "LAZY_REPLAY", lazy)
+        taught = []
+        monkeypatch.setattr(ab, "teacher_targets", lambda m, gs, *a: taught.append(len(gs)) or real(m, gs, *a))
+        m = lora_model()
+        res = absorb_chunk(m, new + old, cfg)
+        out[lazy] = (res, lora_state_dict(m), taught)
+    (lz, lz_sd, lz_taught), (eg, eg_sd, eg_taught) = out[True], out[False]
+    assert eg_taught == [9] and lz_taught[0] == 3 and len(lz_taught) == 1 + 4   # once, or per step
+    assert lz.steps == eg.steps == 4 and lz.losses[:-1] == pytest.approx(eg.losses[:-1], rel=1e-6)
+    for k in eg_sd:
+        torch.testing.assert_close(lz_sd[k], eg_sd[k], rtol=1e-5, atol=1e-7)
+
+
 @pytest.mark.parametrize("share", [0.25, 0.5])
 def test_replay_share_draws_each_step_from_both_pools(monkeypatch, share):
     # with --replay-share s every step takes about s of its Y tokens from the replayed rows (however
