@@ -431,13 +431,13 @@ def absorb_chunk(model, groups: list, cfg: AbsorbConfig, log: Optional[Callable[
             if not lazy:
                 return targets, rows
             kept, drawn = [r for r in rows if r < n_kept], [old[r - n_kept] for r in rows if r >= n_kept]
-            t = targets.rows(kept)
-            if drawn:
-                by_group = {}
-                for gi, j in drawn:
-                    by_group.setdefault(gi, []).append(j)
-                t = t.cat(teach([(groups[gi][0], groups[gi][1], [groups[gi][2][j] for j in js])
-                                 for gi, js in by_group.items()]))
+            if not drawn:                                   # the final loss: the kept rows as they are
+                return targets, kept
+            by_group = {}
+            for gi, j in drawn:
+                by_group.setdefault(gi, []).append(j)
+            t = targets.rows(kept).cat(teach([(groups[gi][0], groups[gi][1], [groups[gi][2][j] for j in js])
+                                              for gi, js in by_group.items()]))
             return t, list(range(t.ids.shape[0]))
 
         def draw(pool: list, budget: float) -> list:        # random rows of pool up to budget Y tokens
